@@ -1,0 +1,198 @@
+"""The ``clustvit`` command: train, eval, bench, export. A thin layer over the library.
+
+JSON output keys are a contract other tools rely on (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .data import DatasetError
+from .model.checkpoint import CheckpointError
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: merge threshold must be in 0..1")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clustvit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (resumable; keeps the best checkpoint)")
+    train.add_argument("--data", required=True, help="dataset root (CamVid or images/ + masks/ layout)")
+    train.add_argument("--out", required=True, help="best checkpoint (.safetensors)")
+    train.add_argument("--init-backbone", help="timm ViT safetensors to initialise the backbone from")
+    train.add_argument("--arch", default="vit_tiny_patch16_224")
+    train.add_argument("--clusters", type=int, default=3, help="k; 0 trains the plain ViT (no merging)")
+    train.add_argument("--injection-point", type=int, default=4, help="block before which tokens merge")
+    train.add_argument("--head", choices=("segmenter", "linear"), default="segmenter")
+    train.add_argument("--epochs", type=_positive, default=80)
+    train.add_argument("--batch-size", type=_positive, default=8)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--layer-decay", type=float, default=0.85)
+    train.add_argument("--cluster-loss-weight", type=float, default=0.1)
+    train.add_argument("--cluster-warmup-epochs", type=int, default=2)
+    train.add_argument("--class-weighting", choices=("none", "sqrt-inverse"), default="none")
+    train.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=(360, 480))
+    train.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), default=(352, 480))
+    train.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), default=(0.75, 1.75))
+    train.add_argument("--void-label", type=int, help="ignored label (default: 11 for CamVid, else 255)")
+    train.add_argument("--val-limit", type=int, help="validate on the first N images only")
+    train.add_argument("--workers", type=int, default=1)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+
+    evaluate = commands.add_parser("eval", help="accuracy and token statistics on a split")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--merge-threshold", type=_threshold)
+    evaluate.add_argument("--inference-size", type=int, help="long side the image is scaled to")
+    evaluate.add_argument("--limit", type=_positive)
+    evaluate.add_argument("--void-label", type=int)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = commands.add_parser("bench", help="latency and GFLOPs, merging on vs off, batch 1")
+    bench.add_argument("--model", help="checkpoint; omitted: untrained ViT-Ti ClustViT from "
+                                       "../shared/weights (use with --oracle-clusters)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--data", required=True)
+    bench.add_argument("--split", default="val")
+    bench.add_argument("--limit", type=_positive, default=20, help="images (default 20)")
+    bench.add_argument("--repeats", type=_positive, default=3, help="timed runs per image and arm")
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--height", type=int)
+    bench.add_argument("--width", type=int)
+    bench.add_argument("--merge-threshold", type=_threshold)
+    bench.add_argument("--oracle-clusters", action="store_true",
+                       help="merge decisions from the ground-truth pseudo clusters")
+    bench.add_argument("--clusters", type=int, default=3, help="k of the untrained model (no --model)")
+    bench.add_argument("--injection-point", type=int, default=4, help="ip of the untrained model")
+    bench.add_argument("--head", choices=("segmenter", "linear"), default="segmenter")
+    bench.add_argument("--init-backbone", help="backbone of the untrained model (default ../shared/weights/...)")
+    bench.add_argument("--sweep-threshold", action="store_true",
+                       help="speed and accuracy against the threshold, printed and plotted (PNG)")
+    bench.add_argument("--plot", help="PNG path for --sweep-threshold (default clustvit_sweep.png)")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--void-label", type=int)
+    bench.add_argument("--json", action="store_true")
+
+    export = commands.add_parser("export", help="rewrite a checkpoint (fp16, metadata) for deployment")
+    export.add_argument("--model", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--half", action="store_true", help="store weights in fp16 (loaded as fp32 on CPU)")
+    export.add_argument("--merge-threshold", type=_threshold, help="new default merge threshold")
+    export.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="new inference size")
+    export.add_argument("--info", help="JSON file merged into the checkpoint's metadata")
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    parser.add_argument("--device", default="auto")
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for name, item in value.items():
+                print(f"  {name}: {_fmt(item)}")
+        else:
+            print(f"{key}: {_fmt(value)}")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainSettings, train
+    settings = TrainSettings(
+        data=args.data, out=args.out, init_backbone=args.init_backbone, arch=args.arch,
+        clusters=args.clusters, injection_point=args.injection_point, head=args.head,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay,
+        cluster_loss_weight=args.cluster_loss_weight, cluster_warmup_epochs=args.cluster_warmup_epochs,
+        class_weighting=args.class_weighting, input_size=tuple(args.input_size),
+        crop_size=tuple(args.crop_size), scale_range=tuple(args.scale_range),
+        void_label=args.void_label, val_limit=args.val_limit, device=args.device,
+        workers=args.workers, seed=args.seed)
+    best = train(settings, resume=args.resume, log=lambda line: print(line, flush=True))
+    print(json.dumps({"best_epoch": best.get("epoch"), "miou": best.get("miou"),
+                      "merged_fraction": best.get("merged_fraction"), "out": args.out}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import open_dataset
+    from .engine import SegmentationEngine
+    from .evaluate import evaluate
+    engine = SegmentationEngine.from_checkpoint(args.model, args.device, inference_size=args.inference_size)
+    if args.merge_threshold is not None:
+        engine.merge_threshold = args.merge_threshold
+    data = open_dataset(args.data, args.split, args.void_label).subset(args.limit)
+    result = evaluate(engine, data, progress=not args.json)
+    _print(result, args.json)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import BenchSettings, run_bench
+    settings = BenchSettings(**{k: v for k, v in vars(args).items()
+                                if k in BenchSettings.__dataclass_fields__})
+    result = run_bench(settings, log=(lambda line: print(line, file=sys.stderr, flush=True)))
+    _print(result, args.json)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .model import load_checkpoint, save_checkpoint
+    model = load_checkpoint(args.model)
+    if args.merge_threshold is not None:
+        model.config.default_merge_threshold = args.merge_threshold
+    if args.input_size:
+        model.config.input_size = tuple(args.input_size)
+    extra = dict(model.checkpoint_info)
+    if args.info:
+        extra.update(json.loads(Path(args.info).read_text()))
+    model.config.validate()
+    save_checkpoint(model, args.out, half=args.half, extra=extra)
+    print(args.out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"clustvit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clustvit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Training ClustViT (or the plain ViT, clusters = 0) on a segmentation dataset.
+
+Loss: pixel cross-entropy (void ignored) + ``cluster_loss_weight`` x cluster
+cross-entropy against pseudo-cluster targets from the ground truth. Merge
+decisions follow the paper's argmax rule; during the first
+``cluster_warmup_epochs`` they follow the pseudo-cluster targets instead, so the
+later blocks are not trained on the random clusters of an untrained head.
+
+Everything needed to resume (weights, AdamW moments, epoch, history) is saved
+after every epoch in ``<out stem>.train-state.safetensors``; the best
+checkpoint by validation mIoU is ``out``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .data import Augment, TrainingSet, open_dataset
+from .evaluate import evaluate_model
+from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model,
+                    pseudo_cluster_targets, save_checkpoint)
+from .engine import resolve_device
+
+
+@dataclass
+class TrainSettings:
+    data: str
+    out: str
+    init_backbone: Optional[str] = None
+    arch: str = "vit_tiny_patch16_224"
+    clusters: int = 3
+    injection_point: int = 4
+    head: str = "segmenter"
+    epochs: int = 80
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    layer_decay: float = 0.85
+    warmup_steps: int = 150
+    drop_path: float = 0.1
+    cluster_loss_weight: float = 0.1
+    cluster_warmup_epochs: int = 2
+    class_weighting: str = "none"  # "none" or "sqrt-inverse" (1/sqrt(pixel frequency))
+    input_size: tuple[int, int] = (360, 480)
+    crop_size: tuple[int, int] = (352, 480)
+    scale_range: tuple[float, float] = (0.75, 1.75)
+    void_label: Optional[int] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    val_limit: Optional[int] = None
+    device: str = "auto"
+    workers: int = 1
+    seed: int = 0
+
+    # Settings that must not change when a run is resumed.
+    IDENTITY = ("data", "arch", "clusters", "injection_point", "head", "batch_size", "input_size",
+                "crop_size", "class_weighting", "seed")
+
+    def state_path(self) -> Path:
+        out = Path(self.out)
+        return out.with_name(out.name.removesuffix(".safetensors") + ".train-state.safetensors")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parameter_groups(model: ClustViT, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with layer-wise LR decay: block i gets lr * decay^(depth - i).
+
+    New modules (cluster head, regenerator, decode head) and the final norm get
+    the full rate; biases, norms, position and class embeddings get no decay.
+    """
+    depth = model.depth
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")):
+            layer = 0
+        else:
+            layer = depth + 1
+        no_decay = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "class_embed"))
+        key = (layer, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - layer)
+            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": 0.0 if no_decay else weight_decay}
+        groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def class_weights(masks: list[np.ndarray], num_classes: int, ignore_index: int) -> torch.Tensor:
+    """1/sqrt(pixel frequency), normalised to mean 1: helps thin, rare classes."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for mask in masks:
+        valid = mask[(mask != ignore_index) & (mask < num_classes)]
+        counts += np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
+    frequency = counts / max(counts.sum(), 1.0)
+    weights = 1.0 / np.sqrt(np.maximum(frequency, 1e-6))
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+def _save_state(path: Path, model: ClustViT, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    for index, entries in opt_state["state"].items():
+        for name, value in entries.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
+    metadata = {"meta": json.dumps(meta), "param_groups": json.dumps(groups)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_training_state(path: Path) -> dict:
+    """Epoch, best summary, per-epoch history and settings of a (possibly unfinished) run."""
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()["meta"])
+
+
+def _load_state(path: Path, model: ClustViT, optimizer: torch.optim.Optimizer) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    return json.loads(metadata["meta"])
+
+
+def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Train; returns the best validation summary.
+
+    With ``resume`` an interrupted run continues from its state file; without
+    it an existing state file is an error rather than silently overwritten.
+    """
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    train_data = open_dataset(settings.data, settings.train_split, settings.void_label)
+    val_data = open_dataset(settings.data, settings.val_split, train_data.ignore_index).subset(settings.val_limit)
+    config = ModelConfig.for_dataset(
+        train_data.class_names, train_data.palette, arch=settings.arch, clusters=settings.clusters,
+        injection_point=settings.injection_point, head=settings.head,
+        input_size=tuple(settings.input_size), ignore_index=train_data.ignore_index)
+    model = build_model(config, settings.init_backbone, drop_path_rate=settings.drop_path).to(device)
+    if config.clusters:
+        model.reduction = ClusterMerging(config.default_merge_threshold)
+
+    augment = Augment(base_size=tuple(settings.input_size), crop_size=tuple(settings.crop_size),
+                      scale_range=tuple(settings.scale_range), ignore_index=train_data.ignore_index)
+    dataset = TrainingSet(train_data, augment, config.mean, config.std, seed=settings.seed)
+    weights = None
+    if settings.class_weighting == "sqrt-inverse":
+        weights = class_weights([m for _, m in dataset.samples], config.num_classes,
+                                config.ignore_index).to(device)
+    elif settings.class_weighting != "none":
+        raise ValueError(f"unknown class weighting {settings.class_weighting!r}")
+
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, settings.lr, settings.weight_decay, settings.layer_decay),
+        lr=settings.lr, betas=(0.9, 0.999))
+    steps_per_epoch = len(dataset) // settings.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {settings.batch_size} exceeds the {len(dataset)} training images")
+    total_steps = steps_per_epoch * settings.epochs
+
+    state_path = settings.state_path()
+    start_epoch, best, history = 0, None, []
+    if state_path.exists() and not resume:
+        raise ValueError(f"{state_path} exists: pass --resume to continue that run, "
+                         "or delete it to start over")
+    if resume and not state_path.exists():
+        log(f"no training state at {state_path}: starting a new run")
+    if resume and state_path.exists():
+        meta = _load_state(state_path, model, optimizer)
+        changed = [k for k in TrainSettings.IDENTITY if meta["settings"].get(k) != settings.to_dict()[k]
+                   and not (isinstance(settings.to_dict()[k], tuple)
+                            and list(settings.to_dict()[k]) == meta["settings"].get(k))]
+        if changed:
+            raise ValueError(f"{state_path}: cannot resume, settings changed: {changed}")
+        start_epoch, best, history = meta["epoch"] + 1, meta["best"], meta["history"]
+        log(f"resuming {state_path} at epoch {start_epoch + 1}/{settings.epochs}")
+
+    for epoch in range(start_epoch, settings.epochs):
+        dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True,
+            num_workers=settings.workers, worker_init_fn=_single_thread_worker,
+            generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
+        model.train()
+        oracle_phase = epoch < settings.cluster_warmup_epochs
+        started = time.time()
+        losses = []
+        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False,
+                        disable=not _interactive())
+        for step_in_epoch, (images, masks) in enumerate(progress):
+            step = epoch * steps_per_epoch + step_in_epoch
+            factor = lr_factor(step, total_steps, settings.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * group["lr_scale"] * factor
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            loss, parts = _loss(model, images, masks, config, settings, weights, oracle_phase)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            losses.append(parts)
+            progress.set_postfix(loss=f"{parts['loss']:.3f}")
+        train_time = time.time() - started
+        summary = evaluate_model(model, val_data, device=str(device))
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean([p["loss"] for p in losses])),
+            "cluster_loss": float(np.mean([p.get("cluster", 0.0) for p in losses])),
+            "train_merged_fraction": float(np.mean([p.get("merged", 0.0) for p in losses])),
+            "val_miou": summary["miou"],
+            "val_merged_fraction": summary["merged_fraction"],
+            "seconds": round(time.time() - started, 1),
+            "train_seconds": round(train_time, 1),
+        }
+        history.append(record)
+        improved = best is None or summary["miou"] > best["miou"]
+        if improved:
+            best = {**summary, "epoch": epoch + 1}
+            save_checkpoint(model, settings.out, extra=_provenance(settings, train_data, val_data, best))
+        log(f"epoch {epoch + 1}/{settings.epochs} loss {record['loss']:.4f} "
+            f"cluster {record['cluster_loss']:.4f} val mIoU {summary['miou']:.2f} "
+            f"merged {summary['merged_fraction']:.3f} ({record['seconds']:.0f} s)"
+            + ("  *best*" if improved else ""))
+        _save_state(state_path, model, optimizer,
+                    {"epoch": epoch, "best": best, "history": history, "settings": settings.to_dict()})
+    return best or {}
+
+
+def _loss(model: ClustViT, images, masks, config: ModelConfig, settings: TrainSettings,
+          weights, oracle_phase: bool) -> tuple[torch.Tensor, dict]:
+    if config.clusters:
+        targets = pseudo_cluster_targets(masks, config.clusters, model.patch_size, config.ignore_index)
+        strategy = ClusterMerging(None, assignment=targets if oracle_phase else None)
+    else:
+        targets, strategy = None, NoReduction()
+    output = model(images, strategy)
+    loss = F.cross_entropy(output.logits, masks, weight=weights, ignore_index=config.ignore_index)
+    parts = {"segmentation": loss.item()}
+    if output.cluster_logits is not None:
+        cluster = F.cross_entropy(output.cluster_logits.flatten(0, 1), targets.flatten())
+        loss = loss + settings.cluster_loss_weight * cluster
+        parts["cluster"] = cluster.item()
+        parts["merged"] = float(np.mean(output.stats.merged_fraction))
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+def _provenance(settings: TrainSettings, train_data, val_data, best: dict) -> dict:
+    return {
+        "training": {
+            "data": str(Path(settings.data).resolve().name),
+            "train_images": len(train_data),
+            "val_images": len(val_data),
+            "settings": {k: v for k, v in settings.to_dict().items() if k not in ("data", "out")},
+        },
+        "val_metrics": {k: best[k] for k in ("miou", "per_class_iou", "pixel_accuracy", "merged_fraction",
+                                             "mean_tokens_after_merge", "epoch") if k in best},
+    }
+
+
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)  # the main process owns the cores for the model
+
+
+def _interactive() -> bool:
+    return os.environ.get("CLUSTVIT_PROGRESS", "auto") == "1" or (
+        os.environ.get("CLUSTVIT_PROGRESS", "auto") == "auto" and os.isatty(2))

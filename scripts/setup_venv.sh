@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (first run) or reuse (later runs) .venv at the repository root with
+# everything: torch, torchvision, timm from PyPI, the ROS 2 pip wheels, pytest.
+# Re-installs only when setup.py changed.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+stamp="$venv/.clustvit-installed-$(sha256sum "$root/setup.py" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing clustvit_ros and its dependencies into $venv (first run downloads torch)" >&2
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e "$root[ros,test]"
+  rm -f "$venv"/.clustvit-installed-*
+  touch "$stamp"
+fi

@@ -1,0 +1,49 @@
+"""ament_python package that also installs with pip (pip install -e .[ros])."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "clustvit_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="ClustViT token-merging ViT semantic segmentation as a ROS 2 node",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(exclude=["test", "test.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/models", glob("models/*.safetensors") + glob("models/*.md") + glob("models/*.png")),
+    ],
+    install_requires=[
+        "numpy",
+        "opencv-python-headless",
+        "torch>=2.1",
+        "torchvision",
+        "timm>=1.0.20",
+        "safetensors>=0.4",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        # ROS 2 from pip wheels, for machines without a ROS installation (tests, CI).
+        "ros": ["ros-rclpy[fastrtps]", "ros-sensor-msgs", "ros-std-msgs", "ros-diagnostic-msgs",
+                "ros-rcl-interfaces"],
+        "test": ["pytest"],
+    },
+    zip_safe=True,
+    entry_points={
+        "console_scripts": [
+            "clustvit = clustvit_ros.cli:main",
+            "segment_node = clustvit_ros.segment_node:main",
+            "image_source = clustvit_ros.image_source:main",
+        ],
+    },
+)

@@ -1,0 +1,63 @@
+"""The inference engine: preprocessing, labels, overlay, settings validation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clustvit_ros.engine import SegmentationEngine, inference_shape, resolve_device
+
+
+def test_resolve_device_rejects_with_reasons():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, reason in (("gpu", "expected auto, cpu"), ("cuda:x", "GPU index")):
+        with pytest.raises(ValueError, match=reason):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_inference_shape_keeps_aspect():
+    assert inference_shape(360, 480, 480) == (360, 480)
+    assert inference_shape(1080, 1920, 640) == (360, 640)
+    assert inference_shape(480, 360, 240) == (240, 180)
+
+
+def test_segment_real_frame(untrained_checkpoint, val_samples):
+    engine = SegmentationEngine.from_checkpoint(untrained_checkpoint, "cpu")
+    rgb = val_samples[0][0]
+    result = engine.segment(rgb)
+    assert result.labels.shape == rgb.shape[:2] and result.labels.dtype == np.uint8
+    assert result.labels.max() < 11
+    assert result.network_size == (360, 480)
+    assert result.stats["tokens_in"] == 690
+    assert set(result.timings_ms) == {"preprocess", "inference", "postprocess"}
+    # A bigger frame is scaled to the inference size; labels come back at either size.
+    big = np.ascontiguousarray(np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1))
+    at_input = engine.segment(big)
+    at_network = engine.segment(big, labels_at_input_resolution=False)
+    assert at_input.labels.shape == (720, 960) and at_network.labels.shape == (360, 480)
+    assert at_input.stats["tokens_in"] == 690
+
+
+def test_overlay_and_settings(untrained_checkpoint, val_samples):
+    engine = SegmentationEngine.from_checkpoint(untrained_checkpoint, "cpu", inference_size=320)
+    rgb = val_samples[1][0]
+    labels = engine.segment(rgb).labels
+    overlay = engine.overlay(rgb[..., ::-1].copy(), labels, alpha=0.4)
+    assert overlay.shape == rgb.shape and overlay.dtype == np.uint8
+    assert engine.merge_threshold == 0.5
+    engine.merge_threshold = 0.8
+    assert engine.model.reduction.threshold == 0.8
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="merge_threshold"):
+            engine.merge_threshold = bad
+    assert engine.model.reduction.threshold == 0.8  # the old value stays in force
+    with pytest.raises(ValueError, match="inference_size"):
+        engine.inference_size = 8
+    with pytest.raises(ValueError, match="RGB uint8"):
+        engine.segment(np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="half precision needs a CUDA device"):
+        SegmentationEngine(engine.model, "cpu", half=True)

@@ -1,0 +1,68 @@
+"""Training: a tiny overfit run on real frames, resuming, and refusing to overwrite."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from clustvit_ros.data import open_dataset
+from clustvit_ros.model import load_checkpoint
+from clustvit_ros.training import TrainSettings, read_training_state, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, camvid):
+    """Four real CamVid frames as both train and val split (generic layout)."""
+    root = tmp_path_factory.mktemp("tiny")
+    source = open_dataset(camvid, "train")
+    for split in ("train", "val"):
+        for index in (0, 90, 180, 270):
+            for kind, path in (("images", source.images[index]), ("masks", source.masks[index])):
+                target = root / kind / split / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+    (root / "classes.txt").write_text("\n".join(source.class_names) + "\n")
+    return root
+
+
+def _settings(data, out, backbone, epochs):
+    return TrainSettings(data=str(data), out=str(out), init_backbone=str(backbone), epochs=epochs,
+                         batch_size=2, lr=5e-4, warmup_steps=4, void_label=11, input_size=(96, 128),
+                         crop_size=(96, 128), scale_range=(1.0, 1.0), cluster_warmup_epochs=2,
+                         workers=0, device="cpu")
+
+
+def test_overfit_loss_falls_and_resume_continues(tmp_path, tiny_dataset, backbone_file):
+    out = tmp_path / "tiny.safetensors"
+    settings = _settings(tiny_dataset, out, backbone_file, epochs=8)
+    best = train(settings, log=lambda _: None)
+    history = read_training_state(settings.state_path())["history"]
+    losses = [r["loss"] for r in history]
+    assert len(losses) == 8
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert best["miou"] > history[0]["val_miou"]
+    model = load_checkpoint(out)  # the best checkpoint is a complete, loadable model
+    assert model.config.clusters == 3 and model.config.ignore_index == 11
+    assert model.checkpoint_info["val_metrics"]["miou"] == pytest.approx(best["miou"])
+
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(settings, log=lambda _: None)
+    longer = _settings(tiny_dataset, out, backbone_file, epochs=10)
+    lines = []
+    train(longer, resume=True, log=lines.append)
+    assert lines[0].startswith("resuming") and "epoch 9/10" in lines[0]
+    resumed = read_training_state(settings.state_path())["history"]
+    assert [r["epoch"] for r in resumed] == list(range(1, 11))
+    assert resumed[:8] == history
+
+
+def test_plain_vit_trains_without_cluster_module(tmp_path, tiny_dataset, backbone_file):
+    settings = _settings(tiny_dataset, tmp_path / "plain.safetensors", backbone_file, epochs=2)
+    settings.clusters = 0
+    train(settings, log=lambda _: None)
+    model = load_checkpoint(settings.out)
+    assert model.cluster_head is None and model.regenerator is None
+    assert np.isfinite(read_training_state(settings.state_path())["history"][-1]["loss"])
