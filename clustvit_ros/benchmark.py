@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import open_dataset, to_tensor
-from .engine import resolve_device
+from .engine import class_indices, resolve_device
 from .metrics import ConfusionMatrix
 from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model, load_checkpoint,
                     pseudo_cluster_targets)
@@ -237,7 +237,7 @@ def threshold_sweep(model: ClustViT, samples: list[Sample], settings: BenchSetti
             for sample in samples:
                 output = model(sample.image, strategy)
                 height, width = sample.mask.shape
-                confusion.update(output.logits[0, :, :height, :width].argmax(0).cpu(), sample.mask)
+                confusion.update(class_indices(output.logits[0, :, :height, :width]).cpu(), sample.mask)
                 merged_tokens += output.stats.merged_tokens[0]
                 tokens_in += output.stats.tokens_in
         with torch.no_grad():
