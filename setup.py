@@ -20,6 +20,7 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
         (f"share/{PACKAGE}/models", glob("models/*.safetensors") + glob("models/*.md") + glob("models/*.png")),
+        (f"share/{PACKAGE}/demo", glob("demo/*.mp4") + glob("demo/*.md")),
     ],
     install_requires=[
         "numpy",

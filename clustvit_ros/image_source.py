@@ -84,6 +84,9 @@ class ImageSource(Node):
             description="resize frames to this height (0 = as read)", read_only=True)).value
         self.max_frames = self.declare_parameter("max_frames", 0, ParameterDescriptor(
             description="stop after this many frames (0 = no limit)")).value
+        self.wait_for_subscribers = self.declare_parameter("wait_for_subscribers", False, ParameterDescriptor(
+            description="hold the first frame until someone subscribes (no frames lost to discovery)",
+            read_only=True)).value
         if not self.source:
             raise SourceError("parameter 'source' is required (video, image folder or image)")
         if self.encoding not in ("bgr8", "rgb8", "mono8"):
@@ -112,6 +115,8 @@ class ImageSource(Node):
         return frame
 
     def _tick(self) -> None:
+        if self.wait_for_subscribers and self.published == 0 and self.publisher.get_subscription_count() == 0:
+            return
         frame = self._next_frame()
         if frame is None or (self.max_frames and self.published >= self.max_frames):
             self.get_logger().info(f"end of {self.source} after {self.published} frames")

@@ -13,8 +13,12 @@ fi
 stamp="$venv/.clustvit-installed-$(sha256sum "$root/setup.py" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing clustvit_ros and its dependencies into $venv (first run downloads torch)" >&2
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$root[ros,test]"
+  log="$venv/setup.log"
+  if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$root[ros,test]"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "setup: pip install failed; full log in $log" >&2
+    exit 1
+  fi
   rm -f "$venv"/.clustvit-installed-*
   touch "$stamp"
 fi
