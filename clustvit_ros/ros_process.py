@@ -36,8 +36,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
 class NodeProcess:
     """A real node process (``python -m clustvit_ros.<module> --ros-args ...``)."""
 
-    def __init__(self, module: str, parameters: dict, remaps: Optional[dict] = None, name: str = "node"):
+    def __init__(self, module: str, parameters: dict, remaps: Optional[dict] = None, name: str = "node",
+                 params_file: Optional[str] = None):
         args = [sys.executable, "-m", f"clustvit_ros.{module}", "--ros-args"]
+        if params_file:
+            args += ["--params-file", str(params_file)]  # before -p: explicit values win
         for key, value in parameters.items():
             if isinstance(value, bool):
                 value = "true" if value else "false"
