@@ -42,7 +42,7 @@ def packaged_model_path(name: str = DEFAULT_MODEL_NAME) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    return candidates[-2]  # the path error messages should name
+    return candidates[0]  # where it should be: the installed share, else the source tree
 
 
 def resolve_device(name: str = "auto") -> torch.device:

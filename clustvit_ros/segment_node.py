@@ -237,8 +237,14 @@ class SegmentNode(Node):
     def _run_worker(self) -> None:
         while not self.slot.closed:
             frame = self.slot.take(timeout=0.2)
-            if frame is not None:
+            if frame is None:
+                continue
+            try:
                 self._process(frame)
+            except Exception:
+                if not self.context.ok():  # Ctrl-C shut the context down mid-frame: just stop
+                    return
+                raise
 
     def _decode(self, message):
         if isinstance(message, CompressedImage):

@@ -8,6 +8,7 @@ from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 
@@ -18,18 +19,23 @@ def generate_launch_description():
                               description="video file, image folder or image to play"),
         DeclareLaunchArgument("rate", default_value="10.0", description="frames per second"),
         DeclareLaunchArgument("loop", default_value="true", description="restart at the end"),
+        DeclareLaunchArgument("model_path", default_value="", description="checkpoint; empty = the packaged model"),
         DeclareLaunchArgument("device", default_value="", description="auto | cpu | cuda | cuda:N"),
         Node(
             package="clustvit_ros",
             executable="image_source",
             name="image_source",
-            parameters=[{"source": LaunchConfiguration("source"), "rate": LaunchConfiguration("rate"),
-                         "loop": LaunchConfiguration("loop"), "frame_id": "camera"}],
+            # Typed: `rate:=5` would otherwise arrive as an integer and be refused.
+            parameters=[{"source": ParameterValue(LaunchConfiguration("source"), value_type=str),
+                         "rate": ParameterValue(LaunchConfiguration("rate"), value_type=float),
+                         "loop": ParameterValue(LaunchConfiguration("loop"), value_type=bool),
+                         "frame_id": "camera"}],
             remappings=[("image", "/camera/image_raw")],
             output="screen",
         ),
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", "segment.launch.py"])),
-            launch_arguments={"image_topic": "/camera/image_raw", "device": LaunchConfiguration("device")}.items(),
+            launch_arguments={"image_topic": "/camera/image_raw", "device": LaunchConfiguration("device"),
+                              "model_path": LaunchConfiguration("model_path")}.items(),
         ),
     ])

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from clustvit_ros.benchmark import timm_reference_forward
 from clustvit_ros.model import ClusterMerging, NoReduction, assign_clusters, pseudo_cluster_targets
 
 from conftest import normalise
+from sync_helpers import HostReads, OpRecorder
 
 VOID = 11
 
@@ -163,41 +163,13 @@ def test_any_input_size(untrained_model):
             assert output.stats.tokens_in == -(-height // 16) * -(-width // 16)
 
 
-# Ops that make the host wait for a CUDA device (data-dependent output size or a scalar read).
-SYNCING_OPS = {"nonzero", "_local_scalar_dense", "bincount", "masked_select", "unique", "_unique",
-               "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "item"}
-
-
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        index_args = args[1] if name in ("index", "index_put", "index_put_") else []
-        if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in index_args or []):
-            name = "boolean-mask indexing"  # hides a nonzero
-        self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def test_batch_one_path_has_a_single_host_sync(untrained_model, val_samples, monkeypatch):
+def test_batch_one_path_has_a_single_host_sync(untrained_model, val_samples):
     """One read-back (the reduced length) per frame; nothing else that would drain a GPU stream."""
     image = normalise(val_samples[0][0])
-    host_reads = []
-    original_tolist = torch.Tensor.tolist
-
-    def counting_tolist(tensor):
-        host_reads.append(tuple(tensor.shape))
-        return original_tolist(tensor)
-
     with torch.inference_mode():
         untrained_model(image, ClusterMerging(0.3))  # warm the position-embedding cache
-        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-        with _OpRecorder() as recorder:
+        with HostReads() as reads, OpRecorder() as recorder:
             output = untrained_model(image, ClusterMerging(0.3))
     assert 0 < output.stats.merged_tokens[0] < output.stats.tokens_in
-    assert host_reads == [(untrained_model.config.clusters + 1,)]
-    offending = sorted(set(recorder.ops) & (SYNCING_OPS | {"boolean-mask indexing"}))
-    assert offending == []
+    assert reads.shapes == [(untrained_model.config.clusters + 1,)]
+    assert recorder.syncing_ops() == []

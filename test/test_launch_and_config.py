@@ -57,6 +57,8 @@ def test_launch_files_start_our_executables():
 def test_segment_launch_arguments_are_the_contract():
     names = {ast.literal_eval(call.args[0]) for call in _calls(SEGMENT_LAUNCH, "DeclareLaunchArgument")}
     assert names == {"image_topic", "namespace", "params_file", "model_path", "device", "input_transport"}
+    demo_names = {ast.literal_eval(call.args[0]) for call in _calls(DEMO_LAUNCH, "DeclareLaunchArgument")}
+    assert demo_names == {"source", "rate", "loop", "model_path", "device"}
     source = SEGMENT_LAUNCH.read_text()
     assert '("image", LaunchConfiguration("image_topic"))' in source  # the remap
     assert '"config",' in source and '"segment.yaml"' in source  # default params_file
@@ -101,10 +103,15 @@ def test_parameter_file_holds_every_node_parameter(node_model):
         future = client.call_async(ListParameters.Request())
         assert wait_for(future.done, 20)
         node_parameters = set(future.result().result.names) - {"use_sim_time", "start_type_description_service"}
-        assert node_parameters == set(declared_in_file), node_parameters ^ set(declared_in_file)
+        # merge_threshold defaults to the checkpoint's own value: in the file, commented, with how to set it.
+        assert node_parameters == set(declared_in_file) | {"merge_threshold"}, node_parameters ^ set(declared_in_file)
+        assert "# merge_threshold:" in PARAMS.read_text()
         names = sorted(declared_in_file)
         values = dict(zip(names, probe.get_parameters("/clustvit_params", *names)))
         assert values == {**declared_in_file, "model_path": str(node_model)}
+        from clustvit_ros.model import read_metadata
+        model_default = read_metadata(node_model)[0].default_merge_threshold
+        assert probe.get_parameters("/clustvit_params", "merge_threshold") == [model_default]
     finally:
         probe.close()
         process.stop()
