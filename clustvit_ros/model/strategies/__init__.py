@@ -77,12 +77,5 @@ register(StrategySpec(
     needs_cluster_module=True))
 
 
-def _register_peers() -> None:
-    """Peer methods register themselves on import (each module calls ``register``)."""
-    from . import ailurus, algm, clustr, tome  # noqa: F401
-
-
-try:
-    _register_peers()
-except ImportError:  # a peer module not written yet must not break the package
-    pass
+# Peer methods register themselves on import (each module calls ``register``).
+from . import ailurus, tome, algm, clustr  # noqa: E402,F401
