@@ -26,9 +26,10 @@ from .metrics import ConfusionMatrix
 from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model, load_checkpoint,
                     pseudo_cluster_targets)
 from .model.reduction import TokenReduction
+from .model.strategies import make_strategy, strategy_names, strategy_spec
 
 DEFAULT_BACKBONE = "weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-SWEEP_THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+FLOP_CONVENTION = "2 FLOPs per multiply-add; matmul, convolution and attention (torch.utils.flop_counter)"
 
 
 @dataclass
@@ -48,7 +49,11 @@ class BenchSettings:
     injection_point: int = 4
     head: str = "segmenter"
     init_backbone: Optional[str] = None
+    strategy: str = "clustvit"
+    knob: Optional[float] = None
+    sweep: bool = False
     sweep_threshold: bool = False
+    eval_limit: Optional[int] = None
     plot: Optional[str] = None
     threads: Optional[int] = None
     void_label: Optional[int] = None
@@ -135,14 +140,6 @@ class Timer:
         return 1e3 * (time.perf_counter() - start)
 
 
-def _merged_strategy(model: ClustViT, sample: Sample, threshold: Optional[float]) -> TokenReduction:
-    if model.config.clusters == 0:
-        raise ValueError("this model has no cluster module: nothing to merge")
-    if threshold is None:
-        threshold = model.config.default_merge_threshold
-    return ClusterMerging(threshold, assignment=sample.oracle)
-
-
 def _interleaved(arms: dict[str, Callable[[Sample], object]], samples: list[Sample], repeats: int,
                  timer: Timer) -> dict[str, list[float]]:
     """Time each arm on each sample, alternating the arm order every round."""
@@ -157,6 +154,47 @@ def _interleaved(arms: dict[str, Callable[[Sample], object]], samples: list[Samp
     return times
 
 
+def _strategy(model: ClustViT, name: str, knob: Optional[float], sample: Sample) -> TokenReduction:
+    """The strategy under test for one sample (ClustViT may take its decisions from the oracle)."""
+    if name == "clustvit":
+        if model.config.clusters == 0:
+            raise ValueError("this model has no cluster module: nothing to merge with 'clustvit'")
+        threshold = model.config.default_merge_threshold if knob is None else knob
+        return ClusterMerging(strategy_spec("clustvit").knob.validate(threshold), assignment=sample.oracle)
+    return make_strategy(name, knob)
+
+
+def _load_accuracy_samples(settings: BenchSettings, model: ClustViT, device, dtype) -> list[Sample]:
+    """Images for the mIoU of sweeps: --eval-limit of the split (all by default)."""
+    accuracy = BenchSettings(**{**settings.__dict__, "limit": settings.eval_limit or 10 ** 9,
+                                "oracle_clusters": False})
+    return _prepare(accuracy, model, device, dtype)
+
+
+def measure_setting(model: ClustViT, make: Callable[[Sample], TokenReduction], latency_samples: list[Sample],
+                    accuracy_samples: list[Sample], repeats: int, timer: Timer, ignore_index: int) -> dict:
+    """One strategy setting: latency interleaved with the plain ViT, GFLOPs, tokens, mIoU."""
+    unmerged = NoReduction()
+    arms = {"strategy": lambda s: model(s.image, make(s)), "none": lambda s: model(s.image, unmerged)}
+    confusion = ConfusionMatrix(model.config.num_classes, ignore_index)
+    merged_tokens = tokens_in = tokens_after = 0
+    with torch.inference_mode():
+        times = _interleaved(arms, latency_samples, repeats, timer)
+        for sample in accuracy_samples:
+            output = model(sample.image, make(sample))
+            height, width = sample.mask.shape
+            confusion.update(class_indices(output.logits[0, :, :height, :width]).cpu(), sample.mask)
+            merged_tokens += output.stats.merged_tokens[0]
+            tokens_in += output.stats.tokens_in
+            tokens_after += output.stats.tokens_after[0]
+    with torch.no_grad():
+        gflops = float(np.mean([count_gflops(lambda: arms["strategy"](s)) for s in latency_samples]))
+    latency, plain = float(np.median(times["strategy"])), float(np.median(times["none"]))
+    return {"miou": 100.0 * confusion.miou(), "latency_ms": latency, "latency_ratio": plain / latency,
+            "gflops": gflops, "mean_tokens_after_merge": tokens_after / len(accuracy_samples),
+            "merged_fraction": merged_tokens / tokens_in}
+
+
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -167,31 +205,36 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     dtype = torch.float32
     samples = _prepare(settings, model, device, dtype)
     timer = Timer(device)
+    if settings.strategy == "all":
+        return compare_strategies(model, samples, settings, timer, data_info, device, log)
+    name = settings.strategy
+    strategy_spec(name)  # unknown names fail here, with the list of known ones
+    if settings.oracle_clusters and name != "clustvit":
+        raise ValueError("--oracle-clusters applies to the clustvit strategy only")
+    knob = settings.knob if settings.knob is not None else settings.merge_threshold
     unmerged = NoReduction()
 
-    def run(strategy_for: Callable[[Sample], TokenReduction]):
-        return lambda sample: model(sample.image, strategy_for(sample))
-
-    merged_arm = run(lambda s: _merged_strategy(model, s, settings.merge_threshold))
-    unmerged_arm = run(lambda s: unmerged)
+    merged_arm = lambda s: model(s.image, _strategy(model, name, knob, s))  # noqa: E731
+    unmerged_arm = lambda s: model(s.image, unmerged)  # noqa: E731
     reference_arm = lambda s: timm_reference_forward(model, s.image)  # noqa: E731
     arms = {"merged": merged_arm, "unmerged": unmerged_arm, "timm_reference": reference_arm}
 
     with torch.inference_mode():
-        log(f"bench: {len(samples)} images {tuple(samples[0].image.shape[-2:])} on {device}, "
+        log(f"bench: {name} on {len(samples)} images {tuple(samples[0].image.shape[-2:])} on {device}, "
             f"{settings.repeats} repeats, warm-up {settings.warmup}")
         for _ in range(settings.warmup):
             for arm in arms.values():
                 arm(samples[0])
         times = _interleaved(arms, samples, settings.repeats, timer)
-        stats = [model(s.image, _merged_strategy(model, s, settings.merge_threshold)).stats for s in samples]
+        stats = [model(s.image, _strategy(model, name, knob, s)).stats for s in samples]
     # FLOP counting cannot run under inference_mode (it dispatches through a mode stack).
     with torch.no_grad():
         gflops_merged = float(np.mean([count_gflops(lambda: merged_arm(s)) for s in samples]))
         gflops_unmerged = float(np.mean([count_gflops(lambda: unmerged_arm(s)) for s in samples]))
 
-    median = {name: float(np.median(values)) for name, values in times.items()}
+    median = {arm: float(np.median(values)) for arm, values in times.items()}
     tokens_in = sum(s.tokens_in for s in stats)
+    described = _strategy(model, name, knob, samples[0]).describe()
     result = {
         "latency_ms_merged": median["merged"],
         "latency_ms_unmerged": median["unmerged"],
@@ -208,74 +251,151 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         "images": len(samples),
         "timed_runs_per_arm": len(times["merged"]),
         "input_size": list(samples[0].image.shape[-2:]),
+        "strategy": described,
         "oracle_clusters": settings.oracle_clusters,
-        "merge_threshold": (settings.merge_threshold if settings.merge_threshold is not None
-                            else model.config.default_merge_threshold),
+        "merge_threshold": described.get("threshold"),
         "model": settings.model or "untrained ClustViT (backbone from shared weights)",
         "torch_threads": torch.get_num_threads(),
-        "flop_convention": "2 FLOPs per multiply-add; matmul, convolution and attention",
+        "flop_convention": FLOP_CONVENTION,
     }
-    if settings.sweep_threshold:
-        result["sweep"] = threshold_sweep(model, samples, settings, timer, data_info, log)
+    if settings.sweep or settings.sweep_threshold:
+        if settings.oracle_clusters:
+            raise ValueError("a sweep measures the learned decisions; drop --oracle-clusters")
+        result["sweep"] = knob_sweep(model, name, samples, settings, timer, data_info, device, log)
     return result
 
 
-def threshold_sweep(model: ClustViT, samples: list[Sample], settings: BenchSettings, timer: Timer,
-                    data_info, log: Callable[[str], None]) -> list[dict]:
-    """Latency (interleaved with the unmerged arm), GFLOPs, tokens and mIoU per threshold."""
-    if settings.oracle_clusters:
-        raise ValueError("--sweep-threshold measures the learned clustering; drop --oracle-clusters")
+def knob_sweep(model: ClustViT, name: str, samples: list[Sample], settings: BenchSettings, timer: Timer,
+               data_info, device, log: Callable[[str], None]) -> list[dict]:
+    """Speed and accuracy of one strategy at each point of its knob's sweep."""
+    spec = strategy_spec(name)
+    if spec.knob is None:
+        raise ValueError(f"strategy {name!r} has no knob to sweep")
+    accuracy_samples = _load_accuracy_samples(settings, model, device, samples[0].image.dtype)
     rows = []
-    unmerged = NoReduction()
-    for threshold in SWEEP_THRESHOLDS:
-        strategy = ClusterMerging(threshold)
-        arms = {"merged": lambda s: model(s.image, strategy), "unmerged": lambda s: model(s.image, unmerged)}
-        confusion = ConfusionMatrix(model.config.num_classes, data_info.ignore_index)
-        merged_tokens = tokens_in = 0
-        with torch.inference_mode():
-            times = _interleaved(arms, samples, settings.repeats, timer)
-            for sample in samples:
-                output = model(sample.image, strategy)
-                height, width = sample.mask.shape
-                confusion.update(class_indices(output.logits[0, :, :height, :width]).cpu(), sample.mask)
-                merged_tokens += output.stats.merged_tokens[0]
-                tokens_in += output.stats.tokens_in
-        with torch.no_grad():
-            gflops = float(np.mean([count_gflops(lambda: model(s.image, strategy)) for s in samples]))
-        merged_ms, unmerged_ms = float(np.median(times["merged"])), float(np.median(times["unmerged"]))
-        row = {"merge_threshold": threshold, "miou": 100.0 * confusion.miou(),
-               "merged_fraction": merged_tokens / tokens_in, "gflops": gflops,
-               "latency_ms": merged_ms, "latency_ratio": unmerged_ms / merged_ms}
+    for value in spec.knob.sweep:
+        row = {"strategy": name, "knob": spec.knob.name, spec.knob.name: value, **measure_setting(
+            model, lambda s, v=value: _strategy(model, name, v, s), samples, accuracy_samples,
+            settings.repeats, timer, data_info.ignore_index)}
+        if name == "clustvit":
+            row["merge_threshold"] = value
         rows.append(row)
-        log("sweep: threshold {merge_threshold:.2f} mIoU {miou:.2f} merged {merged_fraction:.3f} "
-            "GFLOPs {gflops:.2f} latency ratio {latency_ratio:.3f}".format(**row))
-    plot_sweep(rows, Path(settings.plot or "clustvit_sweep.png"), settings.model or "untrained")
+        log(f"sweep: {name} {spec.knob.name}={value:g} mIoU {row['miou']:.2f} merged {row['merged_fraction']:.3f} "
+            f"GFLOPs {row['gflops']:.2f} latency ratio {row['latency_ratio']:.3f}")
+    plot_sweep(rows, spec.knob.name, Path(settings.plot or f"{name}_sweep.png"), settings.model or "untrained")
     return rows
 
 
-def plot_sweep(rows: list[dict], path: Path, title: str) -> Path:
+def compare_strategies(model: ClustViT, samples: list[Sample], settings: BenchSettings, timer: Timer,
+                       data_info, device, log: Callable[[str], None]) -> dict:
+    """Every strategy at every point of its knob sweep, on the same weights, images and machine."""
+    if settings.oracle_clusters:
+        raise ValueError("--strategy all compares learned decisions; drop --oracle-clusters")
+    accuracy_samples = _load_accuracy_samples(settings, model, device, samples[0].image.dtype)
+    with torch.inference_mode():
+        for _ in range(settings.warmup):
+            model(samples[0].image, NoReduction())
+    rows = []
+    for name in strategy_names():
+        spec = strategy_spec(name)
+        if spec.needs_cluster_module and model.config.clusters == 0:
+            log(f"compare: skipping {name} (the model has no cluster module)")
+            continue
+        for value in (spec.knob.sweep if spec.knob else (None,)):
+            measured = measure_setting(model, lambda s, n=name, v=value: _strategy(model, n, v, s), samples,
+                                       accuracy_samples, settings.repeats, timer, data_info.ignore_index)
+            row = {"strategy": name, "knob": spec.knob.name if spec.knob else None, "knob_value": value,
+                   **measured}
+            rows.append(row)
+            log(f"compare: {name:9s} {row['knob'] or '':9s} {'' if value is None else f'{value:g}':>6}  "
+                f"mIoU {row['miou']:6.2f}  {row['latency_ms']:7.1f} ms  x{row['latency_ratio']:.2f}  "
+                f"{row['gflops']:6.2f} GFLOPs  tokens {row['mean_tokens_after_merge']:6.1f}")
+    for row in rows:
+        row["pareto"] = not any(o["latency_ms"] <= row["latency_ms"] and o["miou"] >= row["miou"]
+                                and (o["latency_ms"] < row["latency_ms"] or o["miou"] > row["miou"])
+                                for o in rows)
+    plot_comparison(rows, Path(settings.plot or "strategies.png"), settings.model or "untrained")
+    return {"rows": rows, "clustvit_vs_others": clustvit_vs_others(rows), "device": _device_name(device),
+            "images_latency": len(samples), "images_accuracy": len(accuracy_samples),
+            "repeats": settings.repeats, "input_size": list(samples[0].image.shape[-2:]),
+            "model": settings.model or "untrained", "flop_convention": FLOP_CONVENTION,
+            "table": comparison_table(rows)}
+
+
+def clustvit_vs_others(rows: list[dict], tolerance: float = 0.5) -> list[dict]:
+    """For every other strategy's point: is there a ClustViT point at least as accurate (-0.5 mIoU) and faster?"""
+    ours = [r for r in rows if r["strategy"] == "clustvit"]
+    verdicts = []
+    for row in rows:
+        if row["strategy"] in ("clustvit", "none") or not ours:
+            continue
+        matching = [r for r in ours if r["miou"] >= row["miou"] - tolerance]
+        best = min(matching, key=lambda r: r["latency_ms"]) if matching else None
+        verdicts.append({
+            "strategy": row["strategy"], "knob_value": row["knob_value"], "miou": row["miou"],
+            "latency_ms": row["latency_ms"],
+            "clustvit_threshold": best["knob_value"] if best else None,
+            "clustvit_miou": best["miou"] if best else None,
+            "clustvit_latency_ms": best["latency_ms"] if best else None,
+            "clustvit_faster": bool(best and best["latency_ms"] < row["latency_ms"]),
+        })
+    return verdicts
+
+
+def comparison_table(rows: list[dict]) -> str:
+    lines = ["| strategy | knob | mIoU | latency ms | speed-up | GFLOPs | tokens | Pareto |",
+             "|---|---|---:|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        knob = "" if r["knob"] is None else f"{r['knob']}={r['knob_value']:g}"
+        lines.append(f"| {r['strategy']} | {knob} | {r['miou']:.2f} | {r['latency_ms']:.1f} | "
+                     f"{r['latency_ratio']:.2f}x | {r['gflops']:.2f} | {r['mean_tokens_after_merge']:.0f} | "
+                     f"{'*' if r['pareto'] else ''} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    thresholds = [r["merge_threshold"] for r in rows]
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        points = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["latency_ms"])
+        axis.plot([p["latency_ms"] for p in points], [p["miou"] for p in points],
+                  "*-" if name == "clustvit" else "o-", label=name, markersize=10 if name == "clustvit" else 5)
+    axis.set_xlabel("median latency (ms, CPU, batch 1)")
+    axis.set_ylabel("mIoU (%)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title(f"Token reduction on one backbone: {Path(title).name}")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_sweep(rows: list[dict], knob: str, path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    values = [r[knob] for r in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(thresholds, [r["miou"] for r in rows], "o-", color="tab:blue", label="mIoU (%)")
-    left.set_xlabel("merge threshold")
+    left.plot(values, [r["miou"] for r in rows], "o-", color="tab:blue")
+    left.set_xlabel(knob)
     left.set_ylabel("mIoU (%)", color="tab:blue")
     twin = left.twinx()
-    twin.plot(thresholds, [r["merged_fraction"] for r in rows], "s--", color="tab:orange")
+    twin.plot(values, [r["merged_fraction"] for r in rows], "s--", color="tab:orange")
     twin.set_ylabel("merged fraction", color="tab:orange")
     left.set_title("accuracy and merging")
-    right.plot(thresholds, [r["latency_ratio"] for r in rows], "o-", color="tab:green", label="latency")
-    gflops_unmerged = rows[-1]["gflops"]
-    right.plot(thresholds, [gflops_unmerged / r["gflops"] for r in rows], "s--", color="tab:red",
-               label="GFLOPs")
+    right.plot(values, [r["latency_ratio"] for r in rows], "o-", color="tab:green", label="latency")
+    plain_gflops = max(r["gflops"] for r in rows)
+    right.plot(values, [plain_gflops / r["gflops"] for r in rows], "s--", color="tab:red", label="GFLOPs")
     right.axhline(1.0, color="grey", linewidth=0.8)
-    right.set_xlabel("merge threshold")
-    right.set_ylabel("speed-up vs unmerged (x)")
+    right.set_xlabel(knob)
+    right.set_ylabel("speed-up vs plain ViT (x)")
     right.legend()
-    right.set_title("speed-up (CPU, batch 1)")
-    figure.suptitle(f"ClustViT threshold sweep: {Path(title).name}")
+    right.set_title("speed-up (batch 1)")
+    figure.suptitle(f"{rows[0]['strategy']} {knob} sweep: {Path(title).name}")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

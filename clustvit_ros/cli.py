@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--merge-threshold", type=_threshold)
+    evaluate.add_argument("--strategy", help="token reduction (default: the model's: clustvit, or none)")
+    evaluate.add_argument("--knob", type=float, help="the strategy's knob (clustvit: the merge threshold)")
     evaluate.add_argument("--inference-size", type=int, help="long side the image is scaled to")
     evaluate.add_argument("--limit", type=_positive)
     evaluate.add_argument("--void-label", type=int)
@@ -79,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--height", type=int)
     bench.add_argument("--width", type=int)
     bench.add_argument("--merge-threshold", type=_threshold)
+    bench.add_argument("--strategy", default="clustvit",
+                       help="token reduction to measure against the plain ViT, or 'all' for the comparison table")
+    bench.add_argument("--knob", type=float, help="the strategy's knob (clustvit: the merge threshold)")
+    bench.add_argument("--sweep", action="store_true", help="sweep the strategy's knob (speed and accuracy)")
+    bench.add_argument("--eval-limit", type=_positive, help="images for the mIoU of sweeps (default: the split)")
     bench.add_argument("--oracle-clusters", action="store_true",
                        help="merge decisions from the ground-truth pseudo clusters")
     bench.add_argument("--clusters", type=int, default=3, help="k of the untrained model (no --model)")
@@ -87,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--init-backbone", help="backbone of the untrained model (default ../shared/weights/...)")
     bench.add_argument("--sweep-threshold", action="store_true",
                        help="speed and accuracy against the threshold, printed and plotted (PNG)")
-    bench.add_argument("--plot", help="PNG path for --sweep-threshold (default clustvit_sweep.png)")
+    bench.add_argument("--plot", help="PNG for sweeps and --strategy all (default <strategy>_sweep.png, "
+                                      "strategies.png)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--void-label", type=int)
     bench.add_argument("--json", action="store_true")
@@ -145,7 +153,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import open_dataset
     from .engine import SegmentationEngine
     from .evaluate import evaluate
+    from .model.strategies import make_strategy
     engine = SegmentationEngine.from_checkpoint(args.model, args.device, inference_size=args.inference_size)
+    if args.strategy:
+        knob = args.knob
+        if args.strategy == "clustvit" and knob is None:
+            knob = engine.config.default_merge_threshold  # the checkpoint's own default
+        engine.reduction = make_strategy(args.strategy, knob)
+    elif args.knob is not None:
+        engine.merge_threshold = args.knob
     if args.merge_threshold is not None:
         engine.merge_threshold = args.merge_threshold
     data = open_dataset(args.data, args.split, args.void_label).subset(args.limit)
@@ -159,6 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(**{k: v for k, v in vars(args).items()
                                 if k in BenchSettings.__dataclass_fields__})
     result = run_bench(settings, log=(lambda line: print(line, file=sys.stderr, flush=True)))
+    if not args.json and "table" in result:
+        print(result.pop("table"))
     _print(result, args.json)
     return 0
 

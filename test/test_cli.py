@@ -49,7 +49,7 @@ def test_bench_oracle_json_contract(camvid, backbone_file):
 def test_bench_sweep_writes_plot(untrained_checkpoint, camvid, tmp_path):
     plot = tmp_path / "sweep.png"
     result = clustvit("bench", "--model", untrained_checkpoint, "--data", camvid, "--limit", "1",
-                      "--repeats", "1", "--warmup", "0", "--sweep-threshold", "--plot", plot,
+                      "--eval-limit", "1", "--repeats", "1", "--warmup", "0", "--sweep-threshold", "--plot", plot,
                       "--device", "cpu", "--json")
     rows = json.loads(result.stdout)["sweep"]
     assert [r["merge_threshold"] for r in rows][0] == 0.0 and rows[-1]["merge_threshold"] == 1.0
