@@ -28,6 +28,7 @@ from std_msgs.msg import Float32, UInt32
 from .engine import SegmentationEngine, packaged_model_path, resolve_device
 from .image_conversion import FrameError, bgr_image_fields, decode_compressed, decode_image, label_image_fields
 from .model import CheckpointError, ClusterMerging
+from .model.strategies import make_strategy, strategy_names, strategy_spec
 from .runtime import FrameCounters, LatencyController, LatestSlot, RollingStats
 
 NODE_NAME = "clustvit"
@@ -124,6 +125,10 @@ class SegmentNode(Node):
             integer, read_only=True, int_range=(0, 2 ** 31 - 1)))
         declare("diagnostic_period", 1.0, _descriptor("seconds between /diagnostics messages", double,
                                                       read_only=True, float_range=(0.1, 60.0)))
+        declare("merge_strategy", "", _descriptor(
+            "token reduction: clustvit, none, tome, algm, ailurus, clustr; empty = clustvit when the "
+            "model has a cluster module, else none", string, read_only=True,
+            constraints="|".join(strategy_names())))
 
         get = lambda name: self.get_parameter(name).value  # noqa: E731
         self.input_transport = get("input_transport")
@@ -157,17 +162,39 @@ class SegmentNode(Node):
                 inference_size=self.get_parameter("inference_size").value or None)
         except (CheckpointError, FileNotFoundError) as exc:
             raise StartupError(f"cannot load model: {exc}") from None
+        name = self.get_parameter("merge_strategy").value or (
+            "clustvit" if engine.config.clusters else "none")
+        try:
+            spec = strategy_spec(name)
+        except ValueError as exc:
+            raise StartupError(f"merge_strategy: {exc}") from None
+        if spec.needs_cluster_module and not engine.config.clusters:
+            raise StartupError(f"merge_strategy {name!r} needs a model trained with a cluster module; "
+                               f"{model_path} has none")
+        if name != "clustvit":
+            engine.reduction = make_strategy(name)
+        self.strategy = spec
         return engine
 
     def _declare_runtime_parameters(self) -> None:
         double, boolean = ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL
-        merge = isinstance(self.engine.reduction, ClusterMerging)
-        default_threshold = self.engine.merge_threshold if merge else 1.0
-        self.declare_parameter("merge_threshold", float(default_threshold), _descriptor(
-            "a token merges into its most probable cluster c when p(c) >= threshold; "
-            "0 merges all, 1 merges none (plain ViT)", double, float_range=(0.0, 1.0)))
+        runtime = ["target_latency_ms", "publish_overlay", "overlay_alpha", "labels_at_input_resolution"]
+        if self.strategy.name == "clustvit":
+            self.declare_parameter("merge_threshold", float(self.engine.merge_threshold), _descriptor(
+                "a token merges into its most probable cluster c when p(c) >= threshold; "
+                "0 merges all, 1 merges none (plain ViT)", double, float_range=(0.0, 1.0)))
+            runtime.append("merge_threshold")
+        elif self.strategy.knob is not None:
+            knob = self.strategy.knob
+            kind = ParameterType.PARAMETER_INTEGER if knob.integer else double
+            default = int(knob.default) if knob.integer else float(knob.default)
+            self.declare_parameter("strategy_knob", default, _descriptor(
+                f"{self.strategy.name} {knob.name}: {knob.description} (no-op at {knob.noop:g})", kind,
+                float_range=None if knob.integer else (knob.low, knob.high),
+                int_range=(int(knob.low), int(knob.high)) if knob.integer else None))
+            runtime.append("strategy_knob")
         self.declare_parameter("target_latency_ms", 0.0, _descriptor(
-            "latency budget (receive -> labels); > 0 lets the node move the merge threshold "
+            "latency budget (receive -> labels); > 0 lets the node move the clustvit merge threshold "
             "frame by frame to hold it; 0 = off", double, float_range=(0.0, 10000.0)))
         self.declare_parameter("publish_overlay", True, _descriptor(
             "publish ~/overlay (computed only while someone subscribes)", boolean))
@@ -175,9 +202,7 @@ class SegmentNode(Node):
             "palette opacity in ~/overlay", double, float_range=(0.0, 1.0)))
         self.declare_parameter("labels_at_input_resolution", True, _descriptor(
             "~/labels at the input image size (else at the network's inference size)", boolean))
-        self._apply({p.name: p.value for p in self.get_parameters(
-            ["merge_threshold", "target_latency_ms", "publish_overlay", "overlay_alpha",
-             "labels_at_input_resolution"])}, initial=True)
+        self._apply({p.name: p.value for p in self.get_parameters(runtime)}, initial=True)
         if hasattr(self, "add_post_set_parameters_callback"):  # Iron and newer
             self.add_on_set_parameters_callback(self._validate_parameters)
             self.add_post_set_parameters_callback(
@@ -195,9 +220,14 @@ class SegmentNode(Node):
                 return SetParametersResult(successful=False, reason=f"{param.name} must be in [0, 1]")
             if param.name == "target_latency_ms" and value < 0.0:
                 return SetParametersResult(successful=False, reason="target_latency_ms must be >= 0 (0 = off)")
-            if param.name == "merge_threshold" and not isinstance(self.engine.reduction, ClusterMerging):
-                return SetParametersResult(successful=False,
-                                           reason="the active strategy has no merge threshold")
+            if param.name == "target_latency_ms" and value > 0.0 and self.strategy.name != "clustvit":
+                return SetParametersResult(successful=False, reason="target_latency_ms steers the clustvit "
+                                           f"merge threshold; merge_strategy is {self.strategy.name!r}")
+            if param.name == "strategy_knob":
+                try:
+                    self.strategy.knob.validate(value)
+                except ValueError as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
 
     def _validate_and_apply(self, params) -> SetParametersResult:
@@ -219,6 +249,8 @@ class SegmentNode(Node):
             self.controller.reset()
             if self.target_latency_ms == 0 and merging and not initial:
                 self.engine.merge_threshold = self.merge_threshold  # budget off: back to the setting
+        if "strategy_knob" in values:
+            setattr(self.engine.reduction, self.strategy.knob.name, self.strategy.knob.validate(values["strategy_knob"]))
         if "publish_overlay" in values:
             self.publish_overlay = bool(values["publish_overlay"])
         if "overlay_alpha" in values:
@@ -339,6 +371,8 @@ class SegmentNode(Node):
             "model": info.model_path,
             "device": f"{info.device} ({info.dtype})",
             "strategy": info.strategy.get("strategy", ""),
+            "strategy_knob": ", ".join(f"{k}={v}" for k, v in info.strategy.items() if k not in ("strategy", "oracle"))
+            or "n/a",
             "input_size": "x".join(map(str, stats.get("input_size", ())[::-1])) or "n/a",
             "inference_size": "x".join(map(str, stats.get("network_size", ())[::-1])) or "n/a",
             "tokens_in": stats.get("tokens_in", "n/a"),

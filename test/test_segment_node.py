@@ -328,3 +328,39 @@ def test_unknown_device_stops_startup_with_a_reason(node_model):
     process = NodeProcess("segment_node", {"model_path": node_model, "device": "tpu"}, name="tpu")
     assert process.wait(120) == 1
     assert "device 'tpu': expected auto, cpu, cuda or cuda:N" in process.log()
+
+
+def test_peer_strategy_is_selectable_with_its_knob(ros, node_model, street_frames):
+    from sensor_msgs.msg import Image
+    process = NodeProcess("segment_node", {"model_path": node_model, "device": "cpu", "merge_strategy": "tome"},
+                          {"image": INPUT + "_tome", "__node": "clustvit_tome"}, name="tome")
+    try:
+        camera = ros.publisher(Image, INPUT + "_tome")
+        assert wait_for(lambda: camera.get_subscription_count() > 0, 60), process.log()
+        from diagnostic_msgs.msg import DiagnosticArray
+        ros.listen(DiagnosticArray, "/clustvit_tome/frame_stats")
+        frame = street_frames[7]
+        first = _send_and_wait(ros, camera, image_message(frame, stamp_ns=1000 * 10 ** 9),
+                               "/clustvit_tome/frame_stats")
+        default_tokens = int(diagnostic_values(first.status[0])["tokens_after_merge"])
+        assert default_tokens < 690  # ToMe's default ratio merges
+        assert ros.set_parameters("/clustvit_tome", strategy_knob=0.3)[0].successful
+        second = _send_and_wait(ros, camera, image_message(frame, stamp_ns=1001 * 10 ** 9),
+                                "/clustvit_tome/frame_stats")
+        assert int(diagnostic_values(second.status[0])["tokens_after_merge"]) < default_tokens
+        rejected = ros.set_parameters("/clustvit_tome", strategy_knob=0.9)[0]
+        assert not rejected.successful and "out of range" in rejected.reason
+        rejected = ros.set_parameters("/clustvit_tome", target_latency_ms=50.0)[0]
+        assert not rejected.successful and "clustvit" in rejected.reason
+        assert not ros.set_parameters("/clustvit_tome", merge_threshold=0.5)[0].successful  # not declared
+    finally:
+        assert process.stop() == 0, process.log()
+
+
+def test_unknown_or_unusable_strategy_stops_startup(node_model, tmp_path, backbone_file):
+    process = NodeProcess("segment_node", {"model_path": node_model, "merge_strategy": "magic"}, name="magic")
+    assert process.wait(120) == 1 and "merge_strategy: unknown strategy 'magic'" in process.log()
+    from clustvit_ros.model import ModelConfig, build_model, save_checkpoint
+    plain = save_checkpoint(build_model(ModelConfig(clusters=0)), tmp_path / "plain.safetensors")
+    process = NodeProcess("segment_node", {"model_path": plain, "merge_strategy": "clustvit"}, name="plain")
+    assert process.wait(120) == 1 and "needs a model trained with a cluster module" in process.log()
