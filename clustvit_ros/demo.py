@@ -7,7 +7,6 @@ prints tokens and latency per frame and saves a few overlay frames as PNG.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

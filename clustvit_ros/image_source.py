@@ -11,12 +11,12 @@ from typing import Iterator, Optional
 
 import cv2
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CompressedImage, Image
+
+from .node_runner import run_node
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp"}
 
@@ -144,23 +144,7 @@ class ImageSource(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = ImageSource()
-        while rclpy.ok() and not node.finished:
-            rclpy.spin_once(node, timeout_sec=0.1)
-    except SourceError as exc:
-        rclpy.logging.get_logger("image_source").fatal(str(exc))
-        return 1
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
-
+    return run_node(ImageSource, "image_source", (SourceError,), args, finished=lambda node: node.finished)
 
 if __name__ == "__main__":
     sys.exit(main())

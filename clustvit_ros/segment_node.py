@@ -15,11 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
                                 SetParametersResult)
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -29,6 +27,7 @@ from .engine import SegmentationEngine, packaged_model_path, resolve_device
 from .image_conversion import FrameError, bgr_image_fields, decode_compressed, decode_image, label_image_fields
 from .model import CheckpointError, ClusterMerging
 from .model.strategies import make_strategy, strategy_names, strategy_spec
+from .node_runner import run_node
 from .runtime import FrameCounters, LatencyController, LatestSlot, RollingStats
 
 NODE_NAME = "clustvit"
@@ -410,22 +409,7 @@ class SegmentNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = SegmentNode()
-        rclpy.spin(node)
-    except StartupError as exc:
-        rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
-        return 1
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
-
+    return run_node(SegmentNode, NODE_NAME, (StartupError,), args)
 
 if __name__ == "__main__":
     sys.exit(main())

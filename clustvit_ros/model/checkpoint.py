@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .clustvit import ClustViT
+from .clustvit import ClustViT, state_dict_mismatch
 from .config import ModelConfig
 
 FORMAT_NAME = "clustvit_ros"
@@ -85,21 +85,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = load_file(str(path))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected weights {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3]))
-        raise CheckpointError(f"{path}: weights do not match the described architecture: "
-                              + "; ".join(parts))
+    problems = state_dict_mismatch(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the described architecture: {problems}")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.checkpoint_path = str(path)
     model.checkpoint_info = extra

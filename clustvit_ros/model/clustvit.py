@@ -148,18 +148,23 @@ class ClustViT(nn.Module):
             state_dict["pos_embed"] = resample_abs_pos_embed(
                 pos, new_size=list(self.backbone.patch_embed.grid_size), old_size=[old, old],
                 num_prefix_tokens=prefix)
-        own = self.backbone.state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-        if missing or unexpected or wrong:
-            details = []
-            if missing:
-                details.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-            if unexpected:
-                details.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-            if wrong:
-                details.append("shape mismatch: " + ", ".join(
-                    f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]))
-            raise ValueError(f"{source}: not a {self.config.arch} backbone: " + "; ".join(details))
+        problems = state_dict_mismatch(self.backbone.state_dict(), state_dict)
+        if problems:
+            raise ValueError(f"{source}: not a {self.config.arch} backbone: {problems}")
         self.backbone.load_state_dict(state_dict)
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What keeps ``found`` from loading strictly into ``expected`` ('' when nothing does)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
+    details = []
+    if missing:
+        details.append(f"missing {len(missing)} weights (e.g. {missing[:3]})")
+    if unexpected:
+        details.append(f"unexpected {len(unexpected)} weights (e.g. {unexpected[:3]})")
+    if wrong:
+        details.append("shape mismatch " + ", ".join(
+            f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:3]))
+    return "; ".join(details)
