@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--merge-threshold", type=_threshold)
+    evaluate.add_argument("--merge-rule", choices=("threshold", "argmax"), default="threshold",
+                          help="argmax: the paper's decision (most probable of keep + k clusters), no threshold")
     evaluate.add_argument("--strategy", help="token reduction (default: the model's: clustvit, or none)")
     evaluate.add_argument("--knob", type=float, help="the strategy's knob (clustvit: the merge threshold)")
     evaluate.add_argument("--inference-size", type=int, help="long side the image is scaled to")
@@ -153,6 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import open_dataset
     from .engine import SegmentationEngine
     from .evaluate import evaluate
+    from .model import ClusterMerging
     from .model.strategies import make_strategy
     engine = SegmentationEngine.from_checkpoint(args.model, args.device, inference_size=args.inference_size)
     if args.strategy:
@@ -164,6 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         engine.merge_threshold = args.knob
     if args.merge_threshold is not None:
         engine.merge_threshold = args.merge_threshold
+    if args.merge_rule == "argmax":
+        engine.reduction = ClusterMerging(None)
     data = open_dataset(args.data, args.split, args.void_label).subset(args.limit)
     result = evaluate(engine, data, progress=not args.json)
     _print(result, args.json)

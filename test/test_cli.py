@@ -82,3 +82,17 @@ def test_export_half_with_new_defaults(untrained_checkpoint, tmp_path):
     config, _ = read_metadata(out)
     assert config.default_merge_threshold == 0.7 and config.input_size == (480, 640)
     assert out.stat().st_size < 0.6 * untrained_checkpoint.stat().st_size
+
+
+def test_eval_with_another_strategy_and_the_paper_rule(untrained_checkpoint, camvid):
+    result = clustvit("eval", "--model", untrained_checkpoint, "--data", camvid, "--limit", "1",
+                      "--strategy", "tome", "--knob", "0.2", "--device", "cpu", "--json")
+    report = json.loads(result.stdout)
+    assert report["strategy"] == {"strategy": "tome", "ratio": 0.2}
+    assert report["mean_tokens_after_merge"] < report["mean_tokens_in"]
+    result = clustvit("eval", "--model", untrained_checkpoint, "--data", camvid, "--limit", "1",
+                      "--merge-rule", "argmax", "--device", "cpu", "--json")
+    assert json.loads(result.stdout)["strategy"] == {"strategy": "clustvit", "threshold": None, "oracle": False}
+    result = clustvit("eval", "--model", untrained_checkpoint, "--data", camvid, "--strategy", "tome",
+                      "--knob", "0.9", check=False)
+    assert result.returncode == 2 and "ratio must be in [0, 0.5]" in result.stderr
