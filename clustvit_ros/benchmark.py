@@ -9,6 +9,7 @@ clustering, regeneration, head and upsampling.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,14 @@ class Sample:
     oracle: Optional[torch.Tensor]  # (1, N) pseudo-cluster targets
 
 
-def find_shared_backbone() -> Path:
-    """The offline ViT-Ti weights in ../shared, looked up from the cwd and the repository."""
+def find_shared_backbone(data_dir: Optional[str] = None) -> Path:
+    """The offline ViT-Ti weights in shared/: $CLUSTVIT_SHARED, beside the dataset, the cwd or the repo."""
     here = Path(__file__).resolve().parent.parent
-    for base in (Path.cwd() / ".." / "shared", here / ".." / "shared", Path.cwd() / "shared"):
+    bases = [Path(os.environ["CLUSTVIT_SHARED"])] if os.environ.get("CLUSTVIT_SHARED") else []
+    if data_dir:  # shared/datasets/camvid -> shared
+        bases.append(Path(data_dir).resolve().parent.parent)
+    bases += [Path.cwd() / ".." / "shared", here / ".." / "shared", Path.cwd() / "shared"]
+    for base in bases:
         candidate = base / DEFAULT_BACKBONE
         if candidate.is_file():
             return candidate.resolve()
@@ -80,7 +85,7 @@ def find_shared_backbone() -> Path:
 def _load_model(settings: BenchSettings, num_classes: int, class_names, palette, ignore: int) -> ClustViT:
     if settings.model:
         return load_checkpoint(settings.model)
-    backbone = settings.init_backbone or find_shared_backbone()
+    backbone = settings.init_backbone or find_shared_backbone(settings.data)
     config = ModelConfig.for_dataset(class_names, palette, clusters=settings.clusters,
                                      injection_point=settings.injection_point, head=settings.head,
                                      ignore_index=ignore)

@@ -35,6 +35,7 @@ def test_eval_json_contract(untrained_checkpoint, camvid):
 
 def test_bench_oracle_json_contract(camvid, backbone_file):
     result = clustvit("bench", "--data", camvid, "--split", "val", "--oracle-clusters", "--limit", "2",
+                      "--init-backbone", backbone_file,
                       "--repeats", "1", "--warmup", "1", "--device", "cpu", "--json")
     report = json.loads(result.stdout)
     assert BENCH_KEYS <= set(report)
