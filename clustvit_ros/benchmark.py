@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import open_dataset, to_tensor
-from .engine import class_indices, resolve_device
+from .engine import class_indices, inference_shape, resolve_device
 from .metrics import ConfusionMatrix
 from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model, load_checkpoint,
                     pseudo_cluster_targets)
@@ -62,9 +62,19 @@ class BenchSettings:
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # (1, 3, H, W) normalised, on the device
-    mask: torch.Tensor  # (H, W) int64, on the CPU
+    image: torch.Tensor  # (1, 3, H, W) normalised, padded to the patch size, on the device
+    mask: torch.Tensor  # (h, w) int64 at the label's resolution, on the CPU
     oracle: Optional[torch.Tensor]  # (1, N) pseudo-cluster targets
+    network_shape: tuple[int, int] = (0, 0)  # the image before padding
+
+    def labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class indices at the label's resolution (as the engine returns them)."""
+        height, width = self.network_shape
+        logits = logits[:, :, :height, :width]
+        if (height, width) != tuple(self.mask.shape):
+            logits = F.interpolate(logits.float(), size=tuple(self.mask.shape), mode="bilinear",
+                                   align_corners=False)
+        return class_indices(logits[0]).cpu()
 
 
 def find_shared_backbone(data_dir: Optional[str] = None) -> Path:
@@ -98,10 +108,18 @@ def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dty
     samples = []
     for index in range(len(data)):
         rgb, mask = data.load(index)
-        if settings.height or settings.width:
+        if settings.height or settings.width:  # an explicit size replaces the image (labels too)
             size = (settings.width or rgb.shape[1], settings.height or rgb.shape[0])
             rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
             mask = cv2.resize(mask.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST).astype(np.int64)
+        # Otherwise the network sees the checkpoint's inference size, as the engine and node do.
+        network_shape = inference_shape(*rgb.shape[:2], max(model.config.input_size))
+        network_mask = mask
+        if network_shape != rgb.shape[:2]:
+            size = (network_shape[1], network_shape[0])
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
+            network_mask = cv2.resize(mask.astype(np.uint16), size,
+                                      interpolation=cv2.INTER_NEAREST).astype(np.int64)
         image = to_tensor(rgb, model.config.mean, model.config.std).unsqueeze(0)
         height, width = model.padded_size(*image.shape[-2:])
         image = F.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]))
@@ -109,9 +127,9 @@ def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dty
         if settings.oracle_clusters:
             if model.config.clusters == 0:
                 raise ValueError("--oracle-clusters needs a model with a cluster module (clusters > 0)")
-            oracle = pseudo_cluster_targets(torch.from_numpy(mask)[None], model.config.clusters,
+            oracle = pseudo_cluster_targets(torch.from_numpy(network_mask)[None], model.config.clusters,
                                             model.patch_size, data.ignore_index).to(device)
-        samples.append(Sample(image.to(device, dtype), torch.from_numpy(mask), oracle))
+        samples.append(Sample(image.to(device, dtype), torch.from_numpy(mask), oracle, network_shape))
     if not samples:
         raise ValueError(f"{settings.data}: no images in split {settings.split!r}")
     return samples
@@ -187,8 +205,7 @@ def measure_setting(model: ClustViT, make: Callable[[Sample], TokenReduction], l
         times = _interleaved(arms, latency_samples, repeats, timer)
         for sample in accuracy_samples:
             output = model(sample.image, make(sample))
-            height, width = sample.mask.shape
-            confusion.update(class_indices(output.logits[0, :, :height, :width]).cpu(), sample.mask)
+            confusion.update(sample.labels(output.logits), sample.mask)
             merged_tokens += output.stats.merged_tokens[0]
             tokens_in += output.stats.tokens_in
             tokens_after += output.stats.tokens_after[0]

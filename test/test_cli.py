@@ -76,13 +76,20 @@ def test_bad_arguments_are_rejected(untrained_checkpoint, camvid):
     assert result.returncode == 2 and "expected auto, cpu, cuda" in result.stderr
 
 
-def test_export_half_with_new_defaults(untrained_checkpoint, tmp_path):
+def test_export_half_with_new_defaults(untrained_checkpoint, camvid, tmp_path):
     out = tmp_path / "exported.safetensors"
     clustvit("export", "--model", untrained_checkpoint, "--out", out, "--half", "--merge-threshold", "0.7",
              "--input-size", "480", "640")
     config, _ = read_metadata(out)
     assert config.default_merge_threshold == 0.7 and config.input_size == (480, 640)
     assert out.stat().st_size < 0.6 * untrained_checkpoint.stat().st_size
+    # The stored inference size is what bench measures (360x480 CamVid frames run at 480x640)...
+    result = clustvit("bench", "--model", out, "--data", camvid, "--limit", "1", "--repeats", "1",
+                      "--warmup", "0", "--device", "cpu", "--json")
+    assert json.loads(result.stdout)["input_size"] == [480, 640]
+    # ...and eval scores at the labels' own resolution all the same.
+    result = clustvit("eval", "--model", out, "--data", camvid, "--limit", "1", "--device", "cpu", "--json")
+    assert json.loads(result.stdout)["inference_size"] == 640
 
 
 def test_eval_with_another_strategy_and_the_paper_rule(untrained_checkpoint, camvid):
