@@ -104,3 +104,29 @@ def test_eval_with_another_strategy_and_the_paper_rule(untrained_checkpoint, cam
     result = clustvit("eval", "--model", untrained_checkpoint, "--data", camvid, "--strategy", "tome",
                       "--knob", "0.9", check=False)
     assert result.returncode == 2 and "ratio must be in [0, 0.5]" in result.stderr
+
+
+def test_bench_all_strategies_table(untrained_checkpoint, camvid, tmp_path):
+    plot = tmp_path / "strategies.png"
+    result = clustvit("bench", "--model", untrained_checkpoint, "--data", camvid, "--strategy", "all",
+                      "--limit", "1", "--eval-limit", "1", "--repeats", "1", "--warmup", "0",
+                      "--device", "cpu", "--plot", plot, "--json")
+    report = json.loads(result.stdout)
+    rows = report["rows"]
+    from clustvit_ros.model.strategies import strategy_names, strategy_spec
+    for name in strategy_names():  # every strategy, every point of its knob sweep
+        knob = strategy_spec(name).knob
+        assert [r["knob_value"] for r in rows if r["strategy"] == name] == (list(knob.sweep) if knob else [None])
+    for row in rows:
+        assert row["latency_ms"] > 0 and row["gflops"] > 0 and 0 <= row["miou"] <= 100
+        dominated = any(o["latency_ms"] <= row["latency_ms"] and o["miou"] >= row["miou"] and o is not row
+                        and (o["latency_ms"], o["miou"]) != (row["latency_ms"], row["miou"]) for o in rows)
+        assert row["pareto"] == (not dominated)
+    assert {v["strategy"] for v in report["clustvit_vs_others"]} == set(strategy_names()) - {"clustvit", "none"}
+    # The no-op ends cost the plain ViT's FLOPs; merging costs fewer.
+    plain = next(r for r in rows if r["strategy"] == "none")["gflops"]
+    assert next(r for r in rows if r["strategy"] == "clustvit" and r["knob_value"] == 1.0)["gflops"] == \
+        pytest.approx(plain, rel=1e-6)
+    assert min(r["gflops"] for r in rows if r["strategy"] == "clustvit") < plain
+    assert "| strategy | knob | mIoU |" in report["table"]
+    assert plot.stat().st_size > 10_000
