@@ -61,3 +61,22 @@ def test_overlay_and_settings(untrained_checkpoint, val_samples):
         engine.segment(np.zeros((10, 10), np.uint8))
     with pytest.raises(ValueError, match="half precision needs a CUDA device"):
         SegmentationEngine(engine.model, "cpu", half=True)
+
+
+def test_packaged_model_segments_street_scenes(default_model_file, val_samples):
+    """The shipped fp16 checkpoint, loaded as a user would: accurate labels on real val frames."""
+    from clustvit_ros.metrics import ConfusionMatrix
+    engine = SegmentationEngine.from_checkpoint(default_model_file, "cpu")
+    assert engine.inference_size == 640 and engine.merge_threshold == pytest.approx(0.35)
+    confusion = ConfusionMatrix(11, ignore_index=11)
+    merged = []
+    for rgb, mask in val_samples:
+        result = engine.segment(rgb)
+        assert result.network_size == (480, 640) and result.labels.shape == mask.shape
+        confusion.update(torch.from_numpy(result.labels.astype(np.int64)), torch.from_numpy(mask))
+        merged.append(result.stats["merged_fraction"])
+    assert confusion.pixel_accuracy() > 0.85  # val figure: 93 %
+    assert 0.4 < np.mean(merged) < 0.8  # val figure: 0.58
+    # Merging off is the plain ViT on the same weights, and still a working model.
+    engine.merge_threshold = 1.0
+    assert engine.segment(val_samples[0][0]).stats["merged_fraction"] == 0.0
