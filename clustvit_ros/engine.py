@@ -33,7 +33,7 @@ def packaged_model_path(name: str = DEFAULT_MODEL_NAME) -> Path:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
             candidates.append(Path(get_package_share_directory("clustvit_ros")) / "models" / name)
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: no sourced workspace (AMENT_PREFIX_PATH unset)
             pass
     except ImportError:  # no ROS installation: pip install or source checkout
         pass

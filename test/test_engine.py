@@ -80,3 +80,12 @@ def test_packaged_model_segments_street_scenes(default_model_file, val_samples):
     # Merging off is the plain ViT on the same weights, and still a working model.
     engine.merge_threshold = 1.0
     assert engine.segment(val_samples[0][0]).stats["merged_fraction"] == 0.0
+
+
+def test_packaged_model_is_found_without_a_sourced_workspace(default_model_file, monkeypatch):
+    """pip installs and plain shells have no AMENT_PREFIX_PATH: the model is still found."""
+    from clustvit_ros.engine import packaged_model_path
+    monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
+    assert packaged_model_path().samefile(default_model_file)
+    monkeypatch.setenv("AMENT_PREFIX_PATH", "/nonexistent")
+    assert packaged_model_path().samefile(default_model_file)
