@@ -40,6 +40,15 @@ def ros():
 
 
 @pytest.fixture(scope="module")
+def network(node_model):
+    """What the node's model makes of a 480x360 frame: its network size (h, w) and token count."""
+    from clustvit_ros.engine import inference_shape
+    from clustvit_ros.model import read_metadata
+    height, width = inference_shape(360, 480, max(read_metadata(node_model)[0].input_size))
+    return {"shape": (height, width), "tokens": -(-height // 16) * -(-width // 16)}
+
+
+@pytest.fixture(scope="module")
 def node(ros, node_model):
     process = NodeProcess("segment_node", {"model_path": node_model, "device": "cpu",
                                            "diagnostic_period": 0.5}, {"image": INPUT}, name="segment")
@@ -81,7 +90,7 @@ def _fresh_diagnostic(ros, timeout: float = 10.0):
     return _latest_diagnostic(ros, since)
 
 
-def test_labels_overlay_and_stats_carry_the_input_header(ros, node, street_frames):
+def test_labels_overlay_and_stats_carry_the_input_header(ros, node, network, street_frames):
     _, camera = node
     frame = street_frames[0]
     message = image_message(frame, "bgr8", stamp_ns=1_700_000_000_123_456_789, frame_id="front_camera")
@@ -95,9 +104,10 @@ def test_labels_overlay_and_stats_carry_the_input_header(ros, node, street_frame
         480, 360, "bgr8", "front_camera")
     stats = _send_and_wait(ros, camera, message, topic=f"{NODE}/frame_stats")
     values = diagnostic_values(stats.status[0])
-    assert int(values["tokens_in"]) == 690 and 0 < int(values["tokens_after_merge"]) <= 690
+    tokens = network["tokens"]
+    assert int(values["tokens_in"]) == tokens and 0 < int(values["tokens_after_merge"]) <= tokens
     assert wait_for(lambda: ros.received(f"{NODE}/token_count") and ros.received(f"{NODE}/latency_ms"), 10)
-    assert 0 < ros.received(f"{NODE}/token_count")[-1].data <= 690
+    assert 0 < ros.received(f"{NODE}/token_count")[-1].data <= tokens
     assert ros.received(f"{NODE}/latency_ms")[-1].data > 0
 
 
@@ -111,7 +121,7 @@ def test_supported_encodings(ros, node, street_frames, encoding):
     assert np.frombuffer(labels.data, np.uint8).max() < 11
 
 
-def test_diagnostics_report_the_pipeline(ros, node, street_frames):
+def test_diagnostics_report_the_pipeline(ros, node, network, street_frames):
     _, camera = node
     for index in range(3):
         _send_and_wait(ros, camera, image_message(street_frames[index], stamp_ns=(100 + index) * 10 ** 9))
@@ -120,24 +130,25 @@ def test_diagnostics_report_the_pipeline(ros, node, street_frames):
     assert EXPECTED_DIAGNOSTIC_KEYS <= set(values), EXPECTED_DIAGNOSTIC_KEYS - set(values)
     assert status.level == b"\x00", status.message  # OK
     assert values["device"].startswith("cpu") and values["model"].endswith(".safetensors")
-    assert values["input_size"] == "480x360" and values["inference_size"] == "480x360"
+    height, width = network["shape"]
+    assert values["input_size"] == "480x360" and values["inference_size"] == f"{width}x{height}"
     assert int(values["frames_processed"]) >= 3 and float(values["inference_ms_mean"]) > 0
 
 
-def test_parameters_take_effect_on_the_next_frame(ros, node, street_frames):
+def test_parameters_take_effect_on_the_next_frame(ros, node, network, street_frames):
     _, camera = node
     frame = street_frames[2]
     try:
         assert ros.set_parameters(NODE, merge_threshold=1.0)[0].successful
         stats = _send_and_wait(ros, camera, image_message(frame, stamp_ns=200 * 10 ** 9), f"{NODE}/frame_stats")
-        assert diagnostic_values(stats.status[0])["tokens_after_merge"] == "690"  # nothing merged
+        assert diagnostic_values(stats.status[0])["tokens_after_merge"] == str(network["tokens"])  # none merged
         assert ros.set_parameters(NODE, merge_threshold=0.0)[0].successful
         stats = _send_and_wait(ros, camera, image_message(frame, stamp_ns=201 * 10 ** 9), f"{NODE}/frame_stats")
         assert int(diagnostic_values(stats.status[0])["tokens_after_merge"]) <= 5  # all merged: <= k clusters
         assert ros.set_parameters(NODE, labels_at_input_resolution=False)[0].successful
         big = cv2.resize(frame, (960, 720))
         labels = _send_and_wait(ros, camera, image_message(big, stamp_ns=202 * 10 ** 9))
-        assert (labels.width, labels.height) == (480, 360)  # the network's size
+        assert (labels.height, labels.width) == network["shape"]  # the network's size
     finally:
         ros.set_parameters(NODE, merge_threshold=0.3, labels_at_input_resolution=True)
 
@@ -330,7 +341,7 @@ def test_unknown_device_stops_startup_with_a_reason(node_model):
     assert "device 'tpu': expected auto, cpu, cuda or cuda:N" in process.log()
 
 
-def test_peer_strategy_is_selectable_with_its_knob(ros, node_model, street_frames):
+def test_peer_strategy_is_selectable_with_its_knob(ros, node_model, network, street_frames):
     from sensor_msgs.msg import Image
     process = NodeProcess("segment_node", {"model_path": node_model, "device": "cpu", "merge_strategy": "tome"},
                           {"image": INPUT + "_tome", "__node": "clustvit_tome"}, name="tome")
@@ -343,7 +354,7 @@ def test_peer_strategy_is_selectable_with_its_knob(ros, node_model, street_frame
         first = _send_and_wait(ros, camera, image_message(frame, stamp_ns=1000 * 10 ** 9),
                                "/clustvit_tome/frame_stats")
         default_tokens = int(diagnostic_values(first.status[0])["tokens_after_merge"])
-        assert default_tokens < 690  # ToMe's default ratio merges
+        assert default_tokens < network["tokens"]  # ToMe's default ratio merges
         assert ros.set_parameters("/clustvit_tome", strategy_knob=0.3)[0].successful
         second = _send_and_wait(ros, camera, image_message(frame, stamp_ns=1001 * 10 ** 9),
                                 "/clustvit_tome/frame_stats")
