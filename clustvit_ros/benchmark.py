@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from .data import open_dataset, to_tensor
 from .engine import class_indices, inference_shape, resolve_device
@@ -143,8 +143,25 @@ def timm_reference_forward(model: ClustViT, images: torch.Tensor) -> torch.Tenso
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def _fused_cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, made to count fused CPU attention where it does not (torch < 2.15).
+
+    Without this the plain ViT's attention (fused kernel) would count 0 FLOPs on those
+    versions while a strategy's explicit attention matmuls count in full.
+    """
+    extra = {}
+    fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if fused is not None and fused not in flop_registry:
+        extra[fused] = _fused_cpu_attention_flops
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
 def count_gflops(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     return counter.get_total_flops() / 1e9
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from clustvit_ros.benchmark import count_gflops, flop_counter
 
 from clustvit_ros.model import NoReduction
 from clustvit_ros.model.strategies import ailurus, clustr, make_strategy, strategy_spec
@@ -35,9 +35,16 @@ def plain_gflops(untrained_model, val_samples) -> float:
 
 def _gflops(model, image, strategy):
     """(GFLOPs of one forward, its output)."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:  # counts fused CPU attention on every torch version
         output = model(image, strategy)
     return counter.get_total_flops() / 1e9, output
+
+
+def test_fused_attention_counts_on_every_torch():
+    """2 FLOPs per multiply-add for both attention matmuls, also for the fused CPU kernel."""
+    query = torch.randn(1, 3, 690, 64)
+    flops = count_gflops(lambda: F.scaled_dot_product_attention(query, query, query)) * 1e9
+    assert flops == pytest.approx(2 * 2 * 3 * 690 * 690 * 64)
 
 
 # -- no-op ends ---------------------------------------------------------------------------
