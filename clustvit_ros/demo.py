@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             print(node.log(), file=sys.stderr)
             return 1
         print("demo: " + [line for line in node.log().splitlines() if "listening on" in line][-1].split("] ")[-1])
+        # Start the camera only once the viewer has discovered the node's outputs, or the
+        # first frames' stats would be published before anyone listens.
+        wait_for(lambda: all(probe.node.count_publishers(topic) > 0
+                             for topic in ("/clustvit/frame_stats", "/clustvit/overlay")), 30)
         camera = NodeProcess("image_source", {"source": args.video, "rate": args.rate, "loop": True,
                                               "max_frames": args.frames, "wait_for_subscribers": True},
                              {"image": "/camera/image_raw"}, name="demo-camera")

@@ -21,6 +21,9 @@ def test_demo_segments_the_packaged_video(default_model_file, tmp_path):
     frames = re.findall(r"frame +\d+ +tokens +(\d+)/(\d+)", result.stdout)
     assert len(frames) >= 3  # 40 frames at 10 Hz; a busy node drops frames by design (newest wins)
     assert all(int(after) < int(total) == 1200 for after, total in frames)  # 640x480 at 480x640: merging
+    # Every frame the node processed reached the viewer (it listens before the camera starts).
+    segmented = int(re.search(r"demo: (\d+) frames segmented", result.stdout).group(1))
+    assert segmented == len(frames) == int(re.search(r"processed (\d+)", result.stdout).group(1))
     overlays = sorted(tmp_path.glob("overlay_*.png"))
     assert overlays
     image = cv2.imread(str(overlays[0]))
