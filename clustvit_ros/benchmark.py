@@ -103,23 +103,26 @@ def _load_model(settings: BenchSettings, num_classes: int, class_names, palette,
     return build_model(config, backbone).eval()
 
 
+def _resize(rgb: np.ndarray, mask: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Image (bilinear) and labels (nearest) to (height, width)."""
+    size = (shape[1], shape[0])
+    return (cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR),
+            cv2.resize(mask.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST).astype(np.int64))
+
+
 def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dtype) -> list[Sample]:
     data = open_dataset(settings.data, settings.split, settings.void_label).subset(settings.limit)
     samples = []
     for index in range(len(data)):
         rgb, mask = data.load(index)
         if settings.height or settings.width:  # an explicit size replaces the image (labels too)
-            size = (settings.width or rgb.shape[1], settings.height or rgb.shape[0])
-            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
-            mask = cv2.resize(mask.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST).astype(np.int64)
-        # Otherwise the network sees the checkpoint's inference size, as the engine and node do.
+            rgb, mask = _resize(rgb, mask, (settings.height or rgb.shape[0], settings.width or rgb.shape[1]))
+        # Otherwise the network sees the checkpoint's inference size, as the engine and node do;
+        # accuracy is still scored against the labels at their own resolution.
         network_shape = inference_shape(*rgb.shape[:2], max(model.config.input_size))
         network_mask = mask
         if network_shape != rgb.shape[:2]:
-            size = (network_shape[1], network_shape[0])
-            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
-            network_mask = cv2.resize(mask.astype(np.uint16), size,
-                                      interpolation=cv2.INTER_NEAREST).astype(np.int64)
+            rgb, network_mask = _resize(rgb, mask, network_shape)
         image = to_tensor(rgb, model.config.mean, model.config.std).unsqueeze(0)
         height, width = model.padded_size(*image.shape[-2:])
         image = F.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]))
@@ -400,10 +403,24 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (benchmarks run headless)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(figure, path: Path) -> Path:
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path
+
+
+def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5.5))
     for name in dict.fromkeys(r["strategy"] for r in rows):
         points = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["latency_ms"])
@@ -414,17 +431,11 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> Path:
     axis.grid(alpha=0.3)
     axis.legend()
     axis.set_title(f"Token reduction on one backbone: {Path(title).name}")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def plot_sweep(rows: list[dict], knob: str, path: Path, title: str) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     values = [r[knob] for r in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(values, [r["miou"] for r in rows], "o-", color="tab:blue")
@@ -443,11 +454,7 @@ def plot_sweep(rows: list[dict], knob: str, path: Path, title: str) -> Path:
     right.legend()
     right.set_title("speed-up (batch 1)")
     figure.suptitle(f"{rows[0]['strategy']} {knob} sweep: {Path(title).name}")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def _device_name(device: torch.device) -> str:

@@ -146,5 +146,6 @@ class ImageSource(Node):
 def main(args=None) -> int:
     return run_node(ImageSource, "image_source", (SourceError,), args, finished=lambda node: node.finished)
 
+
 if __name__ == "__main__":
     sys.exit(main())

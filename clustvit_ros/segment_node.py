@@ -411,5 +411,6 @@ class SegmentNode(Node):
 def main(args=None) -> int:
     return run_node(SegmentNode, NODE_NAME, (StartupError,), args)
 
+
 if __name__ == "__main__":
     sys.exit(main())
