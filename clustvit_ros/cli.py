@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="dataset root (CamVid or images/ + masks/ layout)")
     train.add_argument("--out", required=True, help="best checkpoint (.safetensors)")
     train.add_argument("--init-backbone", help="timm ViT safetensors to initialise the backbone from")
+    train.add_argument("--init-from", help="our trained checkpoint to fine-tune: backbone and decode head "
+                       "are loaded, the cluster head and regenerator start fresh (k and ip may differ)")
     train.add_argument("--arch", default="vit_tiny_patch16_224")
     train.add_argument("--clusters", type=int, default=3, help="k; 0 trains the plain ViT (no merging)")
     train.add_argument("--injection-point", type=int, default=4, help="block before which tokens merge")
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive, default=80)
     train.add_argument("--batch-size", type=_positive, default=8)
     train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--warmup-steps", type=int, default=150, help="linear LR warm-up before the cosine decay")
     train.add_argument("--layer-decay", type=float, default=0.85)
     train.add_argument("--cluster-loss-weight", type=float, default=0.1)
     train.add_argument("--cluster-warmup-epochs", type=int, default=2)
@@ -137,7 +140,8 @@ def _fmt(value) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainSettings, train
     settings = TrainSettings(
-        data=args.data, out=args.out, init_backbone=args.init_backbone, arch=args.arch,
+        data=args.data, out=args.out, init_backbone=args.init_backbone, init_from=args.init_from,
+        arch=args.arch, warmup_steps=args.warmup_steps,
         clusters=args.clusters, injection_point=args.injection_point, head=args.head,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay,
         cluster_loss_weight=args.cluster_loss_weight, cluster_warmup_epochs=args.cluster_warmup_epochs,

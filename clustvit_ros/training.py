@@ -32,6 +32,8 @@ from .data import Augment, TrainingSet, open_dataset
 from .evaluate import evaluate_model
 from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model,
                     pseudo_cluster_targets, save_checkpoint)
+from .model.checkpoint import CheckpointError, read_metadata
+from .model.clustvit import state_dict_mismatch
 from .engine import resolve_device
 
 
@@ -40,6 +42,10 @@ class TrainSettings:
     data: str
     out: str
     init_backbone: Optional[str] = None
+    # A trained checkpoint (ours) to fine-tune: backbone and decode head are
+    # loaded; the cluster head and regenerator start fresh, so k and the
+    # injection point may differ from the checkpoint's.
+    init_from: Optional[str] = None
     arch: str = "vit_tiny_patch16_224"
     clusters: int = 3
     injection_point: int = 4
@@ -66,7 +72,7 @@ class TrainSettings:
     seed: int = 0
 
     # Settings that must not change when a run is resumed.
-    IDENTITY = ("data", "arch", "clusters", "injection_point", "head", "batch_size", "input_size",
+    IDENTITY = ("data", "init_from", "arch", "clusters", "injection_point", "head", "batch_size", "input_size",
                 "crop_size", "class_weighting", "seed")
 
     def state_path(self) -> Path:
@@ -170,7 +176,10 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
         train_data.class_names, train_data.palette, arch=settings.arch, clusters=settings.clusters,
         injection_point=settings.injection_point, head=settings.head,
         input_size=tuple(settings.input_size), ignore_index=train_data.ignore_index)
-    model = build_model(config, settings.init_backbone, drop_path_rate=settings.drop_path).to(device)
+    model = build_model(config, settings.init_backbone, drop_path_rate=settings.drop_path)
+    if settings.init_from is not None:
+        load_trunk(model, settings.init_from)
+    model = model.to(device)
     if config.clusters:
         model.reduction = ClusterMerging(config.default_merge_threshold)
 
@@ -258,6 +267,31 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
         _save_state(state_path, model, optimizer,
                     {"epoch": epoch, "best": best, "history": history, "settings": settings.to_dict()})
     return best or {}
+
+
+TRUNK_PREFIXES = ("backbone.", "decode_head.")
+
+
+def load_trunk(model: ClustViT, path: str) -> list[str]:
+    """Load backbone and decode head from a trained checkpoint; returns the keys loaded.
+
+    The checkpoint must describe the same architecture, head and classes
+    (anything else is a CheckpointError naming the file).
+    """
+    path = Path(path)
+    config, _ = read_metadata(path)  # validates the file and names it in errors
+    if (config.arch, config.head, config.num_classes) != (model.config.arch, model.config.head,
+                                                           model.config.num_classes):
+        raise CheckpointError(
+            f"{path}: {config.arch}/{config.head}/{config.num_classes} classes cannot initialise "
+            f"{model.config.arch}/{model.config.head}/{model.config.num_classes} classes")
+    state = {k: v.float() for k, v in load_file(str(path)).items() if k.startswith(TRUNK_PREFIXES)}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(TRUNK_PREFIXES)}
+    problems = state_dict_mismatch(own, state)
+    if problems:
+        raise CheckpointError(f"{path}: backbone/head weights do not fit: {problems}")
+    model.load_state_dict(state, strict=False)
+    return sorted(state)
 
 
 def _loss(model: ClustViT, images, masks, config: ModelConfig, settings: TrainSettings,

@@ -8,6 +8,7 @@ import pytest
 
 from clustvit_ros.data import open_dataset
 from clustvit_ros.model import load_checkpoint
+from clustvit_ros.model.checkpoint import CheckpointError
 from clustvit_ros.training import TrainSettings, read_training_state, train
 
 pytestmark = pytest.mark.slow
@@ -66,3 +67,31 @@ def test_plain_vit_trains_without_cluster_module(tmp_path, tiny_dataset, backbon
     model = load_checkpoint(settings.out)
     assert model.cluster_head is None and model.regenerator is None
     assert np.isfinite(read_training_state(settings.state_path())["history"][-1]["loss"])
+
+
+def test_fine_tune_from_trained_checkpoint_with_other_k_and_ip(tmp_path, tiny_dataset, default_model_file,
+                                                               backbone_file):
+    """--init-from: backbone and head come from the packaged model, the cluster module is new."""
+    source = load_checkpoint(default_model_file)
+    settings = _settings(tiny_dataset, tmp_path / "ft.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from = None, str(default_model_file)
+    settings.clusters, settings.injection_point, settings.lr = 4, 3, 1e-5
+    fine_tuned = train(settings, log=lambda _: None)
+    model = load_checkpoint(settings.out)
+    assert (model.config.clusters, model.config.injection_point) == (4, 3)
+    assert model.cluster_head.fc2.weight.shape[0] != source.cluster_head.fc2.weight.shape[0]
+    # At this learning rate one epoch barely moves the loaded trunk ...
+    drift = (model.backbone.blocks[6].mlp.fc1.weight - source.backbone.blocks[6].mlp.fc1.weight).abs().max()
+    assert 0 < drift < 0.05
+    # ... and a trained trunk segments these frames far better than one epoch from ImageNet does.
+    scratch = _settings(tiny_dataset, tmp_path / "scratch.safetensors", backbone_file, 1)
+    scratch.clusters, scratch.injection_point = 4, 3
+    scratch_best = train(scratch, log=lambda _: None)
+    assert fine_tuned["miou"] > scratch_best["miou"] + 20
+
+
+def test_fine_tune_refuses_a_checkpoint_of_another_head(tmp_path, tiny_dataset, default_model_file):
+    settings = _settings(tiny_dataset, tmp_path / "ft.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from, settings.head = None, str(default_model_file), "linear"
+    with pytest.raises(CheckpointError, match="clustvit_tiny_camvid.safetensors.*linear"):
+        train(settings, log=lambda _: None)
