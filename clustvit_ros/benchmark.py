@@ -115,11 +115,14 @@ def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dty
     samples = []
     for index in range(len(data)):
         rgb, mask = data.load(index)
-        if settings.height or settings.width:  # an explicit size replaces the image (labels too)
+        if settings.height or settings.width:
+            # An explicit size replaces the image (labels too) and is what the network sees.
             rgb, mask = _resize(rgb, mask, (settings.height or rgb.shape[0], settings.width or rgb.shape[1]))
-        # Otherwise the network sees the checkpoint's inference size, as the engine and node do;
-        # accuracy is still scored against the labels at their own resolution.
-        network_shape = inference_shape(*rgb.shape[:2], max(model.config.input_size))
+            network_shape = rgb.shape[:2]
+        else:
+            # The checkpoint's inference size, as the engine and node use it; accuracy is
+            # still scored against the labels at their own resolution.
+            network_shape = inference_shape(*rgb.shape[:2], max(model.config.input_size))
         network_mask = mask
         if network_shape != rgb.shape[:2]:
             rgb, network_mask = _resize(rgb, mask, network_shape)

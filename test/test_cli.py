@@ -87,6 +87,10 @@ def test_export_half_with_new_defaults(untrained_checkpoint, camvid, tmp_path):
     result = clustvit("bench", "--model", out, "--data", camvid, "--limit", "1", "--repeats", "1",
                       "--warmup", "0", "--device", "cpu", "--json")
     assert json.loads(result.stdout)["input_size"] == [480, 640]
+    # An explicit --height/--width is the network's size, whatever the checkpoint stores.
+    result = clustvit("bench", "--model", out, "--data", camvid, "--limit", "1", "--repeats", "1",
+                      "--warmup", "0", "--device", "cpu", "--height", "240", "--width", "320", "--json")
+    assert json.loads(result.stdout)["input_size"] == [240, 320]
     # ...and eval scores at the labels' own resolution all the same.
     result = clustvit("eval", "--model", out, "--data", camvid, "--limit", "1", "--device", "cpu", "--json")
     assert json.loads(result.stdout)["inference_size"] == 640
