@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge-threshold", type=_threshold, help="new default merge threshold")
     export.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="new inference size")
     export.add_argument("--info", help="JSON file merged into the checkpoint's metadata")
+    export.add_argument("--last-epoch", action="store_true",
+                        help="the run's last epoch (from its .train-state file) instead of its best")
     return parser
 
 
@@ -193,11 +195,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .model import load_checkpoint, save_checkpoint
     model = load_checkpoint(args.model)
+    extra = dict(model.checkpoint_info)
+    if args.last_epoch:
+        from .training import load_last_epoch
+        run = load_last_epoch(model, args.model)
+        extra.pop("val_metrics", None)  # they were the best epoch's
+        extra["exported_epoch"] = run["epoch"] + 1
     if args.merge_threshold is not None:
         model.config.default_merge_threshold = args.merge_threshold
     if args.input_size:
         model.config.input_size = tuple(args.input_size)
-    extra = dict(model.checkpoint_info)
     if args.info:
         extra.update(json.loads(Path(args.info).read_text()))
     model.config.validate()

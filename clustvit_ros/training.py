@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_mo
 from .model.checkpoint import CheckpointError, read_metadata
 from .model.clustvit import state_dict_mismatch
 from .engine import resolve_device
+
+PathLike = Union[str, Path]
 
 
 @dataclass
@@ -146,6 +148,22 @@ def read_training_state(path: Path) -> dict:
     """Epoch, best summary, per-epoch history and settings of a (possibly unfinished) run."""
     with safe_open(str(path), framework="pt") as handle:
         return json.loads(handle.metadata()["meta"])
+
+
+def load_last_epoch(model: ClustViT, checkpoint: PathLike) -> dict:
+    """Replace ``model``'s weights (built from the run's best checkpoint) by its last epoch's.
+
+    The run's state file sits beside the checkpoint; returns that run's metadata.
+    """
+    path = TrainSettings(data="", out=str(checkpoint)).state_path()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no training state beside {checkpoint}")
+    weights = {k[len("model."):]: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+    problems = state_dict_mismatch(model.state_dict(), weights)
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match {checkpoint}: {problems}")
+    model.load_state_dict(weights)
+    return read_training_state(path)
 
 
 def _load_state(path: Path, model: ClustViT, optimizer: torch.optim.Optimizer) -> dict:

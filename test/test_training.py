@@ -5,11 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from clustvit_ros.data import open_dataset
 from clustvit_ros.model import load_checkpoint
 from clustvit_ros.model.checkpoint import CheckpointError
-from clustvit_ros.training import TrainSettings, read_training_state, train
+from clustvit_ros.training import TrainSettings, load_last_epoch, read_training_state, train
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +60,14 @@ def test_overfit_loss_falls_and_resume_continues(tmp_path, tiny_dataset, backbon
     resumed = read_training_state(settings.state_path())["history"]
     assert [r["epoch"] for r in resumed] == list(range(1, 11))
     assert resumed[:8] == history
+
+    # The last epoch's weights (for export --last-epoch) come from the state file.
+    last = load_checkpoint(out)
+    assert load_last_epoch(last, out)["epoch"] == 9
+    state = load_file(str(settings.state_path()))
+    assert torch.equal(last.decode_head.class_embed, state["model.decode_head.class_embed"])
+    with pytest.raises(CheckpointError, match="no training state beside"):
+        load_last_epoch(last, tmp_path / "elsewhere.safetensors")
 
 
 def test_plain_vit_trains_without_cluster_module(tmp_path, tiny_dataset, backbone_file):
