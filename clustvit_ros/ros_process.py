@@ -131,7 +131,10 @@ class Probe:
         return [parameter_value_to_python(v) for v in future.result().values]
 
     def close(self) -> None:
-        self.executor.shutdown()
+        # Join the spin thread before the node goes: a thread still inside rclpy's wait
+        # when the interpreter exits aborts the process ("terminate called ...").
+        self.executor.shutdown(timeout_sec=5.0)
+        self._thread.join(timeout=5.0)
         self.node.destroy_node()
 
 
