@@ -68,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
             if process is not None:
                 process.stop()
         probe.close()
-        import rclpy
-        rclpy.try_shutdown()  # this process's ROS context ends here, not in interpreter teardown
 
 
 def _watch(probe: Probe, node: NodeProcess, camera: NodeProcess, args, out: Path) -> int:

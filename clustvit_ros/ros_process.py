@@ -79,7 +79,8 @@ class Probe:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         require_local_ros_environment()
-        if not rclpy.ok():
+        self._owns_context = not rclpy.ok()  # then close() also ends the ROS context it started
+        if self._owns_context:
             rclpy.init()
         self.node = rclpy.create_node(name)
         self.messages: dict[str, list] = defaultdict(list)
@@ -131,11 +132,14 @@ class Probe:
         return [parameter_value_to_python(v) for v in future.result().values]
 
     def close(self) -> None:
-        # Join the spin thread before the node goes: a thread still inside rclpy's wait
-        # when the interpreter exits aborts the process ("terminate called ...").
+        # Join the spin thread and end the context here, not in interpreter teardown: a thread
+        # still inside rclpy's wait at exit aborts the process ("terminate called ...").
         self.executor.shutdown(timeout_sec=5.0)
         self._thread.join(timeout=5.0)
         self.node.destroy_node()
+        if self._owns_context:
+            import rclpy
+            rclpy.try_shutdown()
 
 
 def image_message(bgr: np.ndarray, encoding: str = "bgr8", stamp_ns: int = 0, frame_id: str = "camera"):

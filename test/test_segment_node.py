@@ -35,8 +35,6 @@ def ros():
     probe.listen(DiagnosticArray, "/diagnostics")
     yield probe
     probe.close()
-    import rclpy
-    rclpy.try_shutdown()
 
 
 @pytest.fixture(scope="module")
