@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -32,11 +32,9 @@ from .data import Augment, TrainingSet, open_dataset
 from .evaluate import evaluate_model
 from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model,
                     pseudo_cluster_targets, save_checkpoint)
-from .model.checkpoint import CheckpointError, read_metadata
+from .model.checkpoint import CheckpointError, PathLike, read_metadata
 from .model.clustvit import state_dict_mismatch
 from .engine import resolve_device
-
-PathLike = Union[str, Path]
 
 
 @dataclass
@@ -78,11 +76,16 @@ class TrainSettings:
                 "crop_size", "class_weighting", "seed")
 
     def state_path(self) -> Path:
-        out = Path(self.out)
-        return out.with_name(out.name.removesuffix(".safetensors") + ".train-state.safetensors")
+        return training_state_path(self.out)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def training_state_path(checkpoint: PathLike) -> Path:
+    """Where a run whose best checkpoint is ``checkpoint`` keeps its resumable state."""
+    out = Path(checkpoint)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".train-state.safetensors")
 
 
 def parameter_groups(model: ClustViT, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -150,15 +153,20 @@ def read_training_state(path: Path) -> dict:
         return json.loads(handle.metadata()["meta"])
 
 
+def _model_weights(state_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict out of a training-state file's tensors (saved under "model.")."""
+    return {k[len("model."):]: v for k, v in state_tensors.items() if k.startswith("model.")}
+
+
 def load_last_epoch(model: ClustViT, checkpoint: PathLike) -> dict:
     """Replace ``model``'s weights (built from the run's best checkpoint) by its last epoch's.
 
     The run's state file sits beside the checkpoint; returns that run's metadata.
     """
-    path = TrainSettings(data="", out=str(checkpoint)).state_path()
+    path = training_state_path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"{path}: no training state beside {checkpoint}")
-    weights = {k[len("model."):]: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+    weights = _model_weights(load_file(str(path)))
     problems = state_dict_mismatch(model.state_dict(), weights)
     if problems:
         raise CheckpointError(f"{path}: weights do not match {checkpoint}: {problems}")
@@ -170,7 +178,7 @@ def _load_state(path: Path, model: ClustViT, optimizer: torch.optim.Optimizer) -
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     tensors = load_file(str(path))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict(_model_weights(tensors))
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -290,8 +298,8 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
 TRUNK_PREFIXES = ("backbone.", "decode_head.")
 
 
-def load_trunk(model: ClustViT, path: str) -> list[str]:
-    """Load backbone and decode head from a trained checkpoint; returns the keys loaded.
+def load_trunk(model: ClustViT, path: PathLike) -> None:
+    """Load backbone and decode head from a trained checkpoint.
 
     The checkpoint must describe the same architecture, head and classes
     (anything else is a CheckpointError naming the file).
@@ -309,7 +317,6 @@ def load_trunk(model: ClustViT, path: str) -> list[str]:
     if problems:
         raise CheckpointError(f"{path}: backbone/head weights do not fit: {problems}")
     model.load_state_dict(state, strict=False)
-    return sorted(state)
 
 
 def _loss(model: ClustViT, images, masks, config: ModelConfig, settings: TrainSettings,
