@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-backbone", help="timm ViT safetensors to initialise the backbone from")
     train.add_argument("--init-from", help="our trained checkpoint to fine-tune: backbone and decode head "
                        "are loaded, the cluster head and regenerator start fresh (k and ip may differ)")
+    train.add_argument("--keep-cluster-module", action="store_true",
+                       help="with --init-from: load its cluster head and regenerator too (same k and ip)")
+    train.add_argument("--train-merge-threshold", type=_threshold,
+                       help="merge rule while training: merge when the best cluster's probability reaches "
+                            "this (default: the paper's argmax rule)")
+    train.add_argument("--distill-from", help="trained checkpoint (same classes) whose unmerged predictions "
+                       "the model is distilled towards, e.g. the plain ViT")
+    train.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation KL term")
     train.add_argument("--arch", default="vit_tiny_patch16_224")
     train.add_argument("--clusters", type=int, default=3, help="k; 0 trains the plain ViT (no merging)")
     train.add_argument("--injection-point", type=int, default=4, help="block before which tokens merge")
@@ -143,7 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainSettings, train
     settings = TrainSettings(
         data=args.data, out=args.out, init_backbone=args.init_backbone, init_from=args.init_from,
-        arch=args.arch, warmup_steps=args.warmup_steps,
+        keep_cluster_module=args.keep_cluster_module, train_merge_threshold=args.train_merge_threshold,
+        distill_from=args.distill_from, distill_weight=args.distill_weight, arch=args.arch, warmup_steps=args.warmup_steps,
         clusters=args.clusters, injection_point=args.injection_point, head=args.head,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay,
         cluster_loss_weight=args.cluster_loss_weight, cluster_warmup_epochs=args.cluster_warmup_epochs,

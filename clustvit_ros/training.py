@@ -1,10 +1,14 @@
 """Training ClustViT (or the plain ViT, clusters = 0) on a segmentation dataset.
 
 Loss: pixel cross-entropy (void ignored) + ``cluster_loss_weight`` x cluster
-cross-entropy against pseudo-cluster targets from the ground truth. Merge
-decisions follow the paper's argmax rule; during the first
-``cluster_warmup_epochs`` they follow the pseudo-cluster targets instead, so the
-later blocks are not trained on the random clusters of an untrained head.
+cross-entropy against pseudo-cluster targets from the ground truth, and
+optionally ``distill_weight`` x the per-pixel KL divergence from a teacher's
+predictions (e.g. the plain ViT: merging learns to lose less of it). Merge
+decisions follow the paper's argmax rule, or ``train_merge_threshold`` (to
+train the later blocks on as much merging as the deployed threshold gives);
+during the first ``cluster_warmup_epochs`` they follow the pseudo-cluster
+targets instead, so the later blocks are not trained on the random clusters of
+an untrained head.
 
 Everything needed to resume (weights, AdamW moments, epoch, history) is saved
 after every epoch in ``<out stem>.train-state.safetensors``; the best
@@ -30,7 +34,7 @@ from tqdm import tqdm
 
 from .data import Augment, TrainingSet, open_dataset
 from .evaluate import evaluate_model
-from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model,
+from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model, load_checkpoint,
                     pseudo_cluster_targets, save_checkpoint)
 from .model.checkpoint import CheckpointError, PathLike, read_metadata
 from .model.clustvit import state_dict_mismatch
@@ -46,6 +50,16 @@ class TrainSettings:
     # loaded; the cluster head and regenerator start fresh, so k and the
     # injection point may differ from the checkpoint's.
     init_from: Optional[str] = None
+    # With init_from: load its cluster head and regenerator too (same k and ip),
+    # to continue training the whole model rather than a new cluster module.
+    keep_cluster_module: bool = False
+    # Merge rule while training: None = argmax over keep + k clusters; a value =
+    # merge when the best cluster's probability reaches it (as at inference).
+    train_merge_threshold: Optional[float] = None
+    # A trained checkpoint (same classes and normalisation) whose unmerged
+    # predictions the model is distilled towards; weight 0 turns it off.
+    distill_from: Optional[str] = None
+    distill_weight: float = 1.0
     arch: str = "vit_tiny_patch16_224"
     clusters: int = 3
     injection_point: int = 4
@@ -72,7 +86,7 @@ class TrainSettings:
     seed: int = 0
 
     # Settings that must not change when a run is resumed.
-    IDENTITY = ("data", "init_from", "arch", "clusters", "injection_point", "head", "batch_size", "input_size",
+    IDENTITY = ("data", "init_from", "keep_cluster_module", "distill_from", "arch", "clusters", "injection_point", "head", "batch_size", "input_size",
                 "crop_size", "class_weighting", "seed")
 
     def state_path(self) -> Path:
@@ -204,10 +218,15 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
         input_size=tuple(settings.input_size), ignore_index=train_data.ignore_index)
     model = build_model(config, settings.init_backbone, drop_path_rate=settings.drop_path)
     if settings.init_from is not None:
-        load_trunk(model, settings.init_from)
+        load_trunk(model, settings.init_from, with_cluster_module=settings.keep_cluster_module)
+    elif settings.keep_cluster_module:
+        raise ValueError("keep_cluster_module needs init_from (the checkpoint to take it from)")
     model = model.to(device)
     if config.clusters:
-        model.reduction = ClusterMerging(config.default_merge_threshold)
+        validation_threshold = settings.train_merge_threshold
+        model.reduction = ClusterMerging(config.default_merge_threshold if validation_threshold is None
+                                         else validation_threshold)
+    teacher = load_teacher(settings.distill_from, config, device) if settings.distill_from else None
 
     augment = Augment(base_size=tuple(settings.input_size), crop_size=tuple(settings.crop_size),
                       scale_range=tuple(settings.scale_range), ignore_index=train_data.ignore_index)
@@ -262,7 +281,7 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * group["lr_scale"] * factor
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            loss, parts = _loss(model, images, masks, config, settings, weights, oracle_phase)
+            loss, parts = _loss(model, images, masks, config, settings, weights, oracle_phase, teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -276,6 +295,7 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
             "loss": float(np.mean([p["loss"] for p in losses])),
             "cluster_loss": float(np.mean([p.get("cluster", 0.0) for p in losses])),
             "train_merged_fraction": float(np.mean([p.get("merged", 0.0) for p in losses])),
+            "distill_loss": float(np.mean([p.get("distill", 0.0) for p in losses])),
             "val_miou": summary["miou"],
             "val_merged_fraction": summary["merged_fraction"],
             "seconds": round(time.time() - started, 1),
@@ -296,13 +316,15 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
 
 
 TRUNK_PREFIXES = ("backbone.", "decode_head.")
+CLUSTER_MODULE_PREFIXES = ("cluster_head.", "regenerator.")
 
 
-def load_trunk(model: ClustViT, path: PathLike) -> None:
-    """Load backbone and decode head from a trained checkpoint.
+def load_trunk(model: ClustViT, path: PathLike, with_cluster_module: bool = False) -> None:
+    """Load backbone and decode head (and the cluster module) from a trained checkpoint.
 
-    The checkpoint must describe the same architecture, head and classes
-    (anything else is a CheckpointError naming the file).
+    The checkpoint must describe the same architecture, head and classes, and
+    with the cluster module the same k and injection point (anything else is a
+    CheckpointError naming the file).
     """
     path = Path(path)
     config, _ = read_metadata(path)  # validates the file and names it in errors
@@ -311,19 +333,50 @@ def load_trunk(model: ClustViT, path: PathLike) -> None:
         raise CheckpointError(
             f"{path}: {config.arch}/{config.head}/{config.num_classes} classes cannot initialise "
             f"{model.config.arch}/{model.config.head}/{model.config.num_classes} classes")
-    state = {k: v.float() for k, v in load_file(str(path)).items() if k.startswith(TRUNK_PREFIXES)}
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(TRUNK_PREFIXES)}
+    prefixes = TRUNK_PREFIXES
+    if with_cluster_module:
+        if (config.clusters, config.injection_point) != (model.config.clusters, model.config.injection_point) \
+                or config.clusters == 0:
+            raise CheckpointError(
+                f"{path}: its cluster module (k={config.clusters}, ip={config.injection_point}) cannot serve "
+                f"k={model.config.clusters}, ip={model.config.injection_point}")
+        prefixes = TRUNK_PREFIXES + CLUSTER_MODULE_PREFIXES
+    state = {k: v.float() for k, v in load_file(str(path)).items() if k.startswith(prefixes)}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     problems = state_dict_mismatch(own, state)
     if problems:
-        raise CheckpointError(f"{path}: backbone/head weights do not fit: {problems}")
+        raise CheckpointError(f"{path}: weights do not fit: {problems}")
     model.load_state_dict(state, strict=False)
 
 
+def load_teacher(path: PathLike, config: ModelConfig, device: torch.device) -> ClustViT:
+    """A frozen checkpoint to distil from; it must predict the same classes from the same inputs."""
+    teacher = load_checkpoint(path)
+    theirs = teacher.config
+    # Its logits come back at the input size, so its architecture and patch size may differ.
+    if (theirs.num_classes, tuple(theirs.mean), tuple(theirs.std)) != (
+            config.num_classes, tuple(config.mean), tuple(config.std)):
+        raise CheckpointError(f"{path}: a teacher must predict the same {config.num_classes} classes from "
+                              f"images normalised the same way (mean {config.mean}, std {config.std})")
+    teacher.reduction = NoReduction()
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
+                      ignore_index: int) -> torch.Tensor:
+    """Mean per-pixel KL(teacher || student) over labelled pixels; logits (B, C, H, W)."""
+    teacher_log = F.log_softmax(teacher.float(), 1)
+    per_pixel = (teacher_log.exp() * (teacher_log - F.log_softmax(student.float(), 1))).sum(1)
+    valid = masks != ignore_index
+    return per_pixel[valid].sum() / valid.sum().clamp(min=1)
+
+
 def _loss(model: ClustViT, images, masks, config: ModelConfig, settings: TrainSettings,
-          weights, oracle_phase: bool) -> tuple[torch.Tensor, dict]:
+          weights, oracle_phase: bool, teacher: Optional[ClustViT] = None) -> tuple[torch.Tensor, dict]:
     if config.clusters:
         targets = pseudo_cluster_targets(masks, config.clusters, model.patch_size, config.ignore_index)
-        strategy = ClusterMerging(None, assignment=targets if oracle_phase else None)
+        strategy = ClusterMerging(settings.train_merge_threshold,
+                                  assignment=targets if oracle_phase else None)
     else:
         targets, strategy = None, NoReduction()
     output = model(images, strategy)
@@ -334,6 +387,12 @@ def _loss(model: ClustViT, images, masks, config: ModelConfig, settings: TrainSe
         loss = loss + settings.cluster_loss_weight * cluster
         parts["cluster"] = cluster.item()
         parts["merged"] = float(np.mean(output.stats.merged_fraction))
+    if teacher is not None and settings.distill_weight > 0:
+        with torch.no_grad():
+            teacher_logits = teacher(images).logits
+        distill = distillation_loss(output.logits, teacher_logits, masks, config.ignore_index)
+        loss = loss + settings.distill_weight * distill
+        parts["distill"] = distill.item()
     parts["loss"] = loss.item()
     return loss, parts
 

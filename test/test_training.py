@@ -6,12 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from clustvit_ros.data import open_dataset
 from clustvit_ros.model import load_checkpoint
 from clustvit_ros.model.checkpoint import CheckpointError
-from clustvit_ros.training import TrainSettings, load_last_epoch, read_training_state, train
+from clustvit_ros.training import (TrainSettings, distillation_loss, load_last_epoch, read_training_state,
+                                   train)
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +107,44 @@ def test_fine_tune_refuses_a_checkpoint_of_another_head(tmp_path, tiny_dataset, 
     settings.init_backbone, settings.init_from, settings.head = None, str(default_model_file), "linear"
     with pytest.raises(CheckpointError, match="clustvit_tiny_camvid.safetensors.*linear"):
         train(settings, log=lambda _: None)
+
+
+def test_continue_whole_model_with_distillation_and_a_merge_threshold(tmp_path, tiny_dataset,
+                                                                       default_model_file):
+    """--keep-cluster-module + --distill-from + --train-merge-threshold: stage two of the default recipe."""
+    source = load_checkpoint(default_model_file)
+    settings = _settings(tiny_dataset, tmp_path / "stage2.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from, settings.keep_cluster_module = None, str(default_model_file), True
+    settings.distill_from, settings.train_merge_threshold, settings.lr = str(default_model_file), 0.3, 1e-5
+    train(settings, log=lambda _: None)
+    model = load_checkpoint(settings.out)
+    # The cluster module was loaded, not re-initialised: one small-LR epoch leaves it close.
+    drift = (model.cluster_head.fc2.weight - source.cluster_head.fc2.weight).abs().max()
+    assert 0 < drift < 0.05
+    record = read_training_state(settings.state_path())["history"][0]
+    # The teacher (the same weights, unmerged) and the merged student disagree a little, not a lot.
+    assert 0 < record["distill_loss"] < 0.5
+    assert record["train_merged_fraction"] > 0.2
+
+    settings = _settings(tiny_dataset, tmp_path / "other.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from, settings.keep_cluster_module = None, str(default_model_file), True
+    settings.clusters = 5
+    with pytest.raises(CheckpointError, match="clustvit_tiny_camvid.safetensors.*cluster module.*k=5"):
+        train(settings, log=lambda _: None)
+
+
+def test_distillation_loss_is_kl_over_labelled_pixels():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 8, 8)
+    masks = torch.randint(0, 5, (2, 8, 8))
+    assert distillation_loss(teacher, teacher, masks, 255).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(2, 5, 8, 8)
+    loss = distillation_loss(student, teacher, masks, 255)
+    expected = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True,
+                        reduction="none").sum(1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Void pixels do not count: a student wrong only there has no loss.
+    masks[:, :4] = 255
+    wrong_on_void = teacher.clone()
+    wrong_on_void[:, :, :4] = torch.randn(2, 5, 4, 8)
+    assert distillation_loss(wrong_on_void, teacher, masks, 255).item() == pytest.approx(0.0, abs=1e-6)
