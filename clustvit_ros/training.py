@@ -86,8 +86,8 @@ class TrainSettings:
     seed: int = 0
 
     # Settings that must not change when a run is resumed.
-    IDENTITY = ("data", "init_from", "keep_cluster_module", "distill_from", "arch", "clusters", "injection_point", "head", "batch_size", "input_size",
-                "crop_size", "class_weighting", "seed")
+    IDENTITY = ("data", "init_from", "keep_cluster_module", "distill_from", "arch", "clusters", "injection_point",
+                "head", "batch_size", "input_size", "crop_size", "class_weighting", "seed")
 
     def state_path(self) -> Path:
         return training_state_path(self.out)
