@@ -26,6 +26,7 @@ from .engine import class_indices, inference_shape, resolve_device
 from .metrics import ConfusionMatrix
 from .model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model, load_checkpoint,
                     pseudo_cluster_targets)
+from .model.heads import upsample_bilinear
 from .model.reduction import TokenReduction
 from .model.strategies import make_strategy, strategy_names, strategy_spec
 
@@ -146,7 +147,7 @@ def timm_reference_forward(model: ClustViT, images: torch.Tensor) -> torch.Tenso
     features = model.backbone.forward_features(images)[:, model.backbone.num_prefix_tokens:]
     grid = (images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size)
     logits = model.forward_head(features, grid)
-    return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return upsample_bilinear(logits, tuple(images.shape[-2:]))
 
 
 def _fused_cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -7,6 +7,7 @@ import torch
 
 from clustvit_ros.benchmark import timm_reference_forward
 from clustvit_ros.model import ClusterMerging, NoReduction, assign_clusters, pseudo_cluster_targets
+from clustvit_ros.model.heads import upsample_bilinear
 
 from conftest import normalise
 from sync_helpers import HostReads, OpRecorder
@@ -161,6 +162,17 @@ def test_any_input_size(untrained_model):
             output = untrained_model(torch.randn(1, 3, height, width), ClusterMerging(0.3))
             assert output.logits.shape == (1, 11, height, width)
             assert output.stats.tokens_in == -(-height // 16) * -(-width // 16)
+
+
+def test_logit_upsampling_is_torch_bilinear(untrained_model, val_samples):
+    """The separable matrix upsample equals F.interpolate(bilinear, align_corners=False)."""
+    with torch.inference_mode():
+        grid_logits = untrained_model.forward_head(
+            untrained_model.forward_features(normalise(val_samples[0][0])[..., :352, :]).tokens, (22, 30))
+        for logits, size in ((grid_logits, (352, 480)), (torch.randn(2, 11, 30, 40), (480, 640)),
+                             (torch.randn(1, 3, 2, 5), (5, 13)), (torch.randn(1, 1, 7, 1), (112, 16))):
+            expected = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            torch.testing.assert_close(upsample_bilinear(logits, size), expected, rtol=0, atol=1e-5)
 
 
 def test_batch_one_path_has_a_single_host_sync(untrained_model, val_samples):

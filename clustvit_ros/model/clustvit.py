@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed
 
 from .clustering import ClusterHead, ClusterMerging, Regenerator
 from .config import ModelConfig
-from .heads import build_head
+from .heads import build_head, upsample_bilinear
 from .reduction import NoReduction, ReductionStats, TokenReduction, run_blocks
 
 
@@ -129,7 +129,7 @@ class ClustViT(nn.Module):
             images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
         features = self.forward_features(images, reduction)
         logits = self.forward_head(features.tokens, features.grid)
-        logits = F.interpolate(logits, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+        logits = upsample_bilinear(logits, (padded_h, padded_w))
         return Segmentation(logits[..., :height, :width], features.stats, features.cluster_logits)
 
     # -- weights ------------------------------------------------------------------

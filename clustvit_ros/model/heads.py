@@ -16,6 +16,49 @@ def tokens_to_grid(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return values.transpose(1, 2).reshape(values.shape[0], -1, grid[0], grid[1]).contiguous()
 
 
+def _bilinear_matrix(size_in: int, size_out: int, device, dtype) -> torch.Tensor:
+    """(size_out, size_in) weights of 1-D linear interpolation, half-pixel centres
+    (``align_corners=False``), edges clamped: torch's bilinear rule, one axis."""
+    scale = size_in / size_out
+    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    frac = source - low
+    rows = torch.arange(size_out)
+    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
+    weights.index_put_((rows, low), 1 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
+    return weights.to(device=device, dtype=dtype)
+
+
+_BILINEAR_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def upsample_bilinear(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, H, W), equal to ``F.interpolate(mode="bilinear",
+    align_corners=False)`` but as two small matrix products per axis.
+
+    Why: on the CPU the separable form is ~5x faster than the interpolation
+    kernel for a 16x upsample of 11 class maps (about 1 ms instead of 5 at
+    480x640), and that cost is paid on every frame, merged or not.
+    """
+    height, width = size
+    matrices = []
+    for size_in, size_out in ((logits.shape[-2], height), (logits.shape[-1], width)):
+        key = (size_in, size_out, logits.device, logits.dtype)
+        matrix = _BILINEAR_CACHE.get(key)
+        if matrix is None:
+            if len(_BILINEAR_CACHE) > 64:  # many input sizes (e.g. training crops): bound the cache
+                _BILINEAR_CACHE.clear()
+            # A normal tensor even under inference_mode, so a later training step may use it.
+            with torch.inference_mode(False):
+                matrix = _bilinear_matrix(size_in, size_out, logits.device, logits.dtype)
+            _BILINEAR_CACHE[key] = matrix
+        matrices.append(matrix)
+    rows, columns = matrices
+    return rows @ (logits @ columns.T)
+
+
 class LinearHead(nn.Module):
     """Per-token linear classifier (a 1x1 convolution on the token grid)."""
 
