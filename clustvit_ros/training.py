@@ -255,9 +255,12 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
         log(f"no training state at {state_path}: starting a new run")
     if resume and state_path.exists():
         meta = _load_state(state_path, model, optimizer)
-        changed = [k for k in TrainSettings.IDENTITY if meta["settings"].get(k) != settings.to_dict()[k]
-                   and not (isinstance(settings.to_dict()[k], tuple)
-                            and list(settings.to_dict()[k]) == meta["settings"].get(k))]
+        # A setting added after the run started is taken at its default (what the run used).
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+        saved = {k: meta["settings"].get(k, defaults[k]) for k in TrainSettings.IDENTITY}
+        current = settings.to_dict()
+        changed = [k for k in TrainSettings.IDENTITY if saved[k] != current[k]
+                   and not (isinstance(current[k], tuple) and list(current[k]) == saved[k])]
         if changed:
             raise ValueError(f"{state_path}: cannot resume, settings changed: {changed}")
         start_epoch, best, history = meta["epoch"] + 1, meta["best"], meta["history"]

@@ -1,13 +1,15 @@
 """Training: a tiny overfit run on real frames, resuming, and refusing to overwrite."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from clustvit_ros.data import open_dataset
 from clustvit_ros.model import load_checkpoint
@@ -40,6 +42,16 @@ def _settings(data, out, backbone, epochs):
                          workers=0, device="cpu")
 
 
+def _drop_saved_settings(state_path, names):
+    with safe_open(str(state_path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(state_path))
+    meta = json.loads(metadata["meta"])
+    for name in names:
+        meta["settings"].pop(name)
+    save_file(tensors, str(state_path), metadata={**metadata, "meta": json.dumps(meta)})
+
+
 def test_overfit_loss_falls_and_resume_continues(tmp_path, tiny_dataset, backbone_file):
     out = tmp_path / "tiny.safetensors"
     settings = _settings(tiny_dataset, out, backbone_file, epochs=8)
@@ -55,6 +67,8 @@ def test_overfit_loss_falls_and_resume_continues(tmp_path, tiny_dataset, backbon
 
     with pytest.raises(ValueError, match="pass --resume"):
         train(settings, log=lambda _: None)
+    # A state file written before keep_cluster_module / distill_from existed still resumes.
+    _drop_saved_settings(settings.state_path(), ("keep_cluster_module", "distill_from", "train_merge_threshold"))
     longer = _settings(tiny_dataset, out, backbone_file, epochs=10)
     lines = []
     train(longer, resume=True, log=lines.append)
