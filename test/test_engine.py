@@ -67,7 +67,7 @@ def test_packaged_model_segments_street_scenes(default_model_file, val_samples):
     """The shipped fp16 checkpoint, loaded as a user would: accurate labels on real val frames."""
     from clustvit_ros.metrics import ConfusionMatrix
     engine = SegmentationEngine.from_checkpoint(default_model_file, "cpu")
-    assert engine.inference_size == 640 and engine.merge_threshold == pytest.approx(0.35)
+    assert engine.inference_size == 640 and engine.merge_threshold == pytest.approx(0.27)
     confusion = ConfusionMatrix(11, ignore_index=11)
     merged = []
     for rgb, mask in val_samples:
@@ -76,7 +76,7 @@ def test_packaged_model_segments_street_scenes(default_model_file, val_samples):
         confusion.update(torch.from_numpy(result.labels.astype(np.int64)), torch.from_numpy(mask))
         merged.append(result.stats["merged_fraction"])
     assert confusion.pixel_accuracy() > 0.85  # val figure: 93 %
-    assert 0.4 < np.mean(merged) < 0.8  # val figure: 0.58
+    assert 0.4 < np.mean(merged) < 0.8  # val figure: 0.66
     # Merging off is the plain ViT on the same weights, and still a working model.
     engine.merge_threshold = 1.0
     assert engine.segment(val_samples[0][0]).stats["merged_fraction"] == 0.0
