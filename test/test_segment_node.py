@@ -248,7 +248,9 @@ def test_target_latency_moves_the_threshold_and_settles(ros, node, street_frames
         merged, _ = run(6, 710)
         target = 0.5 * (np.median(unmerged) + np.median(merged))
         ros.set_parameters(NODE, merge_threshold=1.0, target_latency_ms=float(target))
-        latencies, thresholds = run(40, 720)
+        # 60 frames: from threshold 1 the controller walks through 0.5-1, where latency barely
+        # responds (20-40 % merged), in small steps; with 40 it was once still descending at the end.
+        latencies, thresholds = run(60, 720)
         assert thresholds[0] == 1.0 and thresholds[-1] < 1.0  # the controller moved it
         assert np.std(thresholds[-10:]) < 0.08  # and settled instead of hunting
         assert np.mean(latencies[-10:]) < 1.3 * target
