@@ -152,7 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         data=args.data, out=args.out, init_backbone=args.init_backbone, init_from=args.init_from,
         keep_cluster_module=args.keep_cluster_module, train_merge_threshold=args.train_merge_threshold,
-        distill_from=args.distill_from, distill_weight=args.distill_weight, arch=args.arch, warmup_steps=args.warmup_steps,
+        distill_from=args.distill_from, distill_weight=args.distill_weight, arch=args.arch,
+        warmup_steps=args.warmup_steps,
         clusters=args.clusters, injection_point=args.injection_point, head=args.head,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay,
         cluster_loss_weight=args.cluster_loss_weight, cluster_warmup_epochs=args.cluster_warmup_epochs,

@@ -226,7 +226,8 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
         validation_threshold = settings.train_merge_threshold
         model.reduction = ClusterMerging(config.default_merge_threshold if validation_threshold is None
                                          else validation_threshold)
-    teacher = load_teacher(settings.distill_from, config, device) if settings.distill_from else None
+    distilling = settings.distill_from is not None and settings.distill_weight > 0
+    teacher = load_teacher(settings.distill_from, config, device) if distilling else None
 
     augment = Augment(base_size=tuple(settings.input_size), crop_size=tuple(settings.crop_size),
                       scale_range=tuple(settings.scale_range), ignore_index=train_data.ignore_index)
@@ -368,8 +369,8 @@ def load_teacher(path: PathLike, config: ModelConfig, device: torch.device) -> C
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
                       ignore_index: int) -> torch.Tensor:
     """Mean per-pixel KL(teacher || student) over labelled pixels; logits (B, C, H, W)."""
-    teacher_log = F.log_softmax(teacher.float(), 1)
-    per_pixel = (teacher_log.exp() * (teacher_log - F.log_softmax(student.float(), 1))).sum(1)
+    per_pixel = F.kl_div(F.log_softmax(student.float(), 1), F.log_softmax(teacher.float(), 1),
+                         log_target=True, reduction="none").sum(1)
     valid = masks != ignore_index
     return per_pixel[valid].sum() / valid.sum().clamp(min=1)
 
@@ -390,7 +391,7 @@ def _loss(model: ClustViT, images, masks, config: ModelConfig, settings: TrainSe
         loss = loss + settings.cluster_loss_weight * cluster
         parts["cluster"] = cluster.item()
         parts["merged"] = float(np.mean(output.stats.merged_fraction))
-    if teacher is not None and settings.distill_weight > 0:
+    if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(images).logits
         distill = distillation_loss(output.logits, teacher_logits, masks, config.ignore_index)
