@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,7 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), default=(352, 480))
     train.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), default=(0.75, 1.75))
     train.add_argument("--void-label", type=int, help="ignored label (default: 11 for CamVid, else 255)")
+    _add_frame_args(train, "train", "train", "training frames")
+    _add_frame_args(train, "val", "val", "validation frames ('none': no validation, keep the last epoch)")
     train.add_argument("--val-limit", type=int, help="validate on the first N images only")
+    train.add_argument("--val-every", type=_positive, default=1, help="validate every N epochs (and the last)")
+    train.add_argument("--augment", choices=("basic", "domain-shift"), default="basic",
+                       help="photometric augmentation: basic = colour jitter; domain-shift = also hue, gamma, "
+                            "blur, noise and JPEG artefacts")
+    train.add_argument("--rare-class-temperature", type=float, default=0.0,
+                       help="rare-class sampling: draw images by class with p ~ exp((1 - pixel share) / T) "
+                            "and crop around that class (0 = off; 0.1 favours thin classes)")
+    train.add_argument("--ema-decay", type=float, default=0.0,
+                       help="keep an exponential moving average of the weights (e.g. 0.999); it is what is "
+                            "validated and saved (0 = off)")
+    train.add_argument("--keep", choices=("best", "last"), default="best",
+                       help="checkpoint to keep in --out: the best validation epoch, or the last")
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="bf16/fp16: autocast on CUDA (fp32 on the CPU)")
     train.add_argument("--workers", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
@@ -71,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="accuracy and token statistics on a split")
     _add_model_args(evaluate)
     evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--split", default="val", help="split(s), comma-separated (e.g. train,val)")
+    evaluate.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                          help="only frames whose file stem matches (shell pattern, e.g. '0006R0_*'); repeatable")
+    evaluate.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                          help="leave out frames whose file stem matches; repeatable")
+    evaluate.add_argument("--list", dest="frame_list", help="text file naming the frames (one per line)")
     evaluate.add_argument("--merge-threshold", type=_threshold)
     evaluate.add_argument("--merge-rule", choices=("threshold", "argmax"), default="threshold",
                           help="argmax: the paper's decision (most probable of keep + k clusters), no threshold")
@@ -125,14 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_frame_args(parser: argparse.ArgumentParser, prefix: str, split: str, what: str) -> None:
+    """--<prefix>-split / -include / -exclude / -list: which frames of the data folder to use."""
+    parser.add_argument(f"--{prefix}-split", default=split,
+                        help=f"split(s) for the {what}, comma-separated (e.g. train,val)")
+    parser.add_argument(f"--{prefix}-include", action="append", default=[], metavar="PATTERN",
+                        help="only frames whose file stem matches this shell pattern (e.g. '0001TP_*'); "
+                             "repeatable")
+    parser.add_argument(f"--{prefix}-exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave out frames whose file stem matches; repeatable")
+    parser.add_argument(f"--{prefix}-list", help="text file naming the frames, one per line (a path, "
+                                                 "file name or stem; CamVid's train.txt works)")
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint (.safetensors)")
     parser.add_argument("--device", default="auto")
 
 
+def json_safe(value):
+    """NaN and infinities (an IoU with no pixels, say) as null: the output stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _print(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False))
         return
     for key, value in result.items():
         if isinstance(value, dict):
@@ -159,11 +208,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         cluster_loss_weight=args.cluster_loss_weight, cluster_warmup_epochs=args.cluster_warmup_epochs,
         class_weighting=args.class_weighting, input_size=tuple(args.input_size),
         crop_size=tuple(args.crop_size), scale_range=tuple(args.scale_range),
-        void_label=args.void_label, val_limit=args.val_limit, device=args.device,
-        workers=args.workers, seed=args.seed)
+        void_label=args.void_label, val_limit=args.val_limit, val_every=args.val_every, device=args.device,
+        workers=args.workers, seed=args.seed,
+        train_split=args.train_split, train_include=tuple(args.train_include),
+        train_exclude=tuple(args.train_exclude), train_list=args.train_list,
+        val_split=None if args.val_split.lower() == "none" else args.val_split,
+        val_include=tuple(args.val_include), val_exclude=tuple(args.val_exclude), val_list=args.val_list,
+        augment=args.augment, rare_class_temperature=args.rare_class_temperature, ema_decay=args.ema_decay,
+        keep=args.keep, weight_decay=args.weight_decay, drop_path=args.drop_path, precision=args.precision)
     best = train(settings, resume=args.resume, log=lambda line: print(line, flush=True))
-    print(json.dumps({"best_epoch": best.get("epoch"), "miou": best.get("miou"),
-                      "merged_fraction": best.get("merged_fraction"), "out": args.out}))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
+    print(json.dumps(json_safe({"best_epoch": best.get("epoch"), "kept": args.keep, "miou": best.get("miou"),
+                                "merged_fraction": best.get("merged_fraction"), "out": args.out})))
     return 0
 
 
@@ -185,7 +242,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         engine.merge_threshold = args.merge_threshold
     if args.merge_rule == "argmax":
         engine.reduction = ClusterMerging(None)
-    data = open_dataset(args.data, args.split, args.void_label).subset(args.limit)
+    data = open_dataset(args.data, args.split, args.void_label, args.include, args.exclude,
+                        args.frame_list).subset(args.limit)
     result = evaluate(engine, data, progress=not args.json)
     _print(result, args.json)
     return 0

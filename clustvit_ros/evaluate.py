@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import SegmentationData
+from .data import SegmentationData, frame_prefix
 from .engine import SegmentationEngine
 from .metrics import ConfusionMatrix
 
@@ -18,18 +18,28 @@ def evaluate(engine: SegmentationEngine, data: SegmentationData, progress: bool 
 
     Labels come back at the image's resolution and are compared with its mask.
     Returns ``miou``, ``per_class_iou``, ``pixel_accuracy`` (percent), ``images``,
-    ``mean_tokens_in``, ``mean_tokens_after_merge``, ``merged_fraction``.
+    ``mean_tokens_in``, ``mean_tokens_after_merge``, ``merged_fraction``, and
+    ``per_prefix``: the same scores per file-name prefix (CamVid: per drive).
     """
     if len(data.class_names) != engine.config.num_classes:
         raise ValueError(f"data has {len(data.class_names)} classes, model {engine.config.num_classes}")
     confusion = ConfusionMatrix(engine.config.num_classes, data.ignore_index)
+    # Per drive (file-name prefix): frames of one drive are alike, so a split that mixes
+    # drives the model trained on with drives it did not must be read drive by drive.
+    groups: dict[str, dict] = {}
     tokens_in, tokens_after, merged = [], [], []
     for index in tqdm(range(len(data)), desc=description, disable=not progress, leave=False):
-        rgb, mask = data.load(index)
-        if rgb.shape[:2] != mask.shape:
-            raise ValueError(f"{data.images[index]}: image {rgb.shape[:2]} and mask {mask.shape} differ in size")
+        rgb, mask = data.load(index)  # checks sizes and labels, naming the file
         result = engine.segment(rgb)
-        confusion.update(torch.from_numpy(result.labels.astype(np.int64)), torch.from_numpy(mask))
+        prediction, target = torch.from_numpy(result.labels.astype(np.int64)), torch.from_numpy(mask)
+        confusion.update(prediction, target)
+        group = groups.setdefault(frame_prefix(data.images[index]), {
+            "confusion": ConfusionMatrix(engine.config.num_classes, data.ignore_index),
+            "images": 0, "tokens_in": 0, "merged": 0})
+        group["confusion"].update(prediction, target)
+        group["images"] += 1
+        group["tokens_in"] += result.stats["tokens_in"]
+        group["merged"] += result.stats["merged_tokens"]
         tokens_in.append(result.stats["tokens_in"])
         tokens_after.append(result.stats["tokens_after_merge"])
         merged.append(result.stats["merged_tokens"])
@@ -41,6 +51,10 @@ def evaluate(engine: SegmentationEngine, data: SegmentationData, progress: bool 
         "merged_fraction": float(np.sum(merged) / np.sum(tokens_in)) if tokens_in else 0.0,
         "strategy": engine.model.reduction.describe(),
         "inference_size": engine.inference_size,
+        "per_prefix": {
+            name: {**group["confusion"].summary(data.class_names), "images": group["images"],
+                   "merged_fraction": group["merged"] / max(group["tokens_in"], 1)}
+            for name, group in sorted(groups.items())},
     })
     return summary
 
