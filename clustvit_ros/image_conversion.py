@@ -1,12 +1,15 @@
 """sensor_msgs/Image and CompressedImage <-> numpy, without cv_bridge.
 
 Decoding validates everything a malformed message can get wrong (encoding,
-sizes, step, data length) and raises ``FrameError`` with a reason instead of
-crashing or reading out of bounds. Frames come out as BGR uint8 (OpenCV's order).
+sizes, step, data length, a compressed header's claimed size) before any OpenCV
+call, and raises ``FrameError`` with a bounded reason instead of crashing,
+reading out of bounds or allocating what the header claims. Frames come out as
+BGR uint8 (OpenCV's order).
 """
 from __future__ import annotations
 
-from typing import Any
+import struct
+from typing import Any, Optional
 
 import cv2
 import numpy as np
@@ -36,10 +39,23 @@ _ENCODINGS: dict[str, tuple[int, int, Any]] = {
     "yuv422": (2, 1, cv2.COLOR_YUV2BGR_UYVY),
 }
 SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
+# 4:2:2 chroma is shared by pixel pairs: these need an even width.
+_PAIRED_PIXELS = {"yuv422", "yuv422_yuy2"}
+# The containers image_transport's compressed transports produce.
+COMPRESSED_FORMATS = ("jpeg", "png")
+# OpenCV refuses to decode more pixels than this (CV_IO_MAX_IMAGE_PIXELS); we refuse first.
+OPENCV_MAX_PIXELS = 1 << 30
+MAX_REASON_CHARS = 200
 
 
 class FrameError(ValueError):
     """A frame that cannot be used; the message says why."""
+
+
+def bounded(text: Any, limit: int = MAX_REASON_CHARS) -> str:
+    """``str(text)`` cut to ``limit`` characters: peer-supplied strings go into logs and diagnostics."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 15] + f"... ({len(text)} chars)"
 
 
 def decode_image(encoding: str, height: int, width: int, step: int, data, is_bigendian: int = 0,
@@ -50,11 +66,14 @@ def decode_image(encoding: str, height: int, width: int, step: int, data, is_big
     """
     spec = _ENCODINGS.get(encoding)
     if spec is None:
-        raise FrameError(f"unsupported encoding {encoding!r} (supported: {', '.join(SUPPORTED_ENCODINGS)})")
+        raise FrameError(f"unsupported encoding {bounded(repr(encoding), 60)} "
+                         f"(supported: {', '.join(SUPPORTED_ENCODINGS)})")
     if height <= 0 or width <= 0:
         raise FrameError(f"empty image ({width}x{height})")
     if max_pixels and height * width > max_pixels:
         raise FrameError(f"{width}x{height} image exceeds max_input_pixels ({max_pixels})")
+    if encoding in _PAIRED_PIXELS and width % 2:
+        raise FrameError(f"{encoding} needs an even width (4:2:2 pixel pairs), got {width}")
     channels, depth, conversion = spec
     row_bytes = width * channels * depth
     if step < row_bytes:
@@ -74,17 +93,92 @@ def decode_image(encoding: str, height: int, width: int, step: int, data, is_big
         pixels = pixels[..., 0]
     if conversion is None:
         return np.ascontiguousarray(pixels)
-    return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
+    try:
+        return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
+    except cv2.error as exc:  # anything the checks above did not foresee is still this frame's fault
+        raise FrameError(f"cannot convert {encoding} {width}x{height}: {bounded(exc, 120)}") from None
+
+
+def compressed_header(data: bytes) -> tuple[str, int, int]:
+    """(container, width, height) read from a PNG or JPEG header, without decoding.
+
+    What a malicious or broken peer cannot hide: the size a decoder would allocate.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise FrameError("PNG without an IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        return "png", width, height
+    if data[:2] == b"\xff\xd8":
+        return ("jpeg",) + _jpeg_size(data)
+    raise FrameError(f"not a JPEG or PNG image (starts with {data[:8].hex()}); "
+                     f"compressed input accepts {', '.join(COMPRESSED_FORMATS)}")
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic ...): they carry the size.
+_JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            raise FrameError(f"corrupt JPEG: no marker at byte {position}")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        length = struct.unpack(">H", data[position + 2:position + 4])[0]
+        if length < 2:
+            raise FrameError("corrupt JPEG: segment length below 2")
+        if marker in _JPEG_FRAME_MARKERS:
+            if position + 9 > len(data):
+                break
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        if marker in (0xDA, 0xD9):  # scan data or end of image before any frame header
+            break
+        position += 2 + length
+    raise FrameError("corrupt JPEG: no frame header (SOF) before the image data")
 
 
 def decode_compressed(format_name: str, data, max_pixels: int = 0) -> np.ndarray:
-    """CompressedImage fields (jpeg / png ...) -> BGR uint8."""
+    """CompressedImage fields (JPEG or PNG, as image_transport sends them) -> BGR uint8.
+
+    The header's size is checked against ``max_pixels`` (and OpenCV's own limit)
+    before decoding, so a small file claiming a huge image costs nothing.
+    """
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
         raise FrameError("empty compressed image")
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    declared = (format_name or "").lower()
+    named = [name for name in ("jpeg", "jpg", "png", "bmp", "tiff", "tif", "webp", "jp2", "ppm", "pgm", "exr",
+                               "hdr", "gif") if name in declared]
+    if named and not set(named) <= {"jpeg", "jpg", "png"}:
+        raise FrameError(f"compressed format {bounded(repr(format_name), 60)} is not accepted "
+                         f"(only {', '.join(COMPRESSED_FORMATS)}, as image_transport sends them)")
+    try:
+        container, width, height = compressed_header(buffer[:65536].tobytes())
+    except FrameError as exc:
+        raise FrameError(f"cannot decode compressed image: {exc}") from None
+    if width == 0 or height == 0:
+        raise FrameError(f"cannot decode compressed image: its {container} header declares {width}x{height}")
+    if max_pixels and width * height > max_pixels:
+        raise FrameError(f"{width}x{height} image exceeds max_input_pixels ({max_pixels}) "
+                         f"(declared in its {container} header; not decoded)")
+    if width * height > OPENCV_MAX_PIXELS:
+        raise FrameError(f"{width}x{height} image exceeds OpenCV's decoding limit ({OPENCV_MAX_PIXELS} pixels) "
+                         f"(declared in its {container} header; not decoded)")
+    try:
+        image: Optional[np.ndarray] = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise FrameError(f"cannot decode compressed image ({container}): {bounded(exc, 120)}") from None
     if image is None:
-        raise FrameError(f"cannot decode compressed image (format {format_name!r}, {buffer.size} bytes)")
+        raise FrameError(f"cannot decode compressed image (format {bounded(repr(format_name), 60)}, "
+                         f"{buffer.size} bytes)")
     if max_pixels and image.shape[0] * image.shape[1] > max_pixels:
         raise FrameError(f"{image.shape[1]}x{image.shape[0]} image exceeds max_input_pixels ({max_pixels})")
     return image

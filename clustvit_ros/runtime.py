@@ -53,6 +53,11 @@ class LatestSlot(Generic[T]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def pending(self) -> bool:
+        """An item is waiting to be taken."""
+        return self._item is not None
+
 
 class RollingStats:
     """Mean and 95th percentile of the last ``window`` values of several named series."""

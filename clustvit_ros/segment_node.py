@@ -24,7 +24,8 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float32, UInt32
 
 from .engine import SegmentationEngine, packaged_model_path, resolve_device
-from .image_conversion import FrameError, bgr_image_fields, decode_compressed, decode_image, label_image_fields
+from .image_conversion import (FrameError, bgr_image_fields, bounded, decode_compressed, decode_image,
+                               label_image_fields)
 from .model import CheckpointError, ClusterMerging
 from .model.strategies import make_strategy, strategy_names, strategy_spec
 from .node_runner import run_node
@@ -33,6 +34,8 @@ from .runtime import FrameCounters, LatencyController, LatestSlot, RollingStats
 NODE_NAME = "clustvit"
 STAGES = ("decode", "preprocess", "inference", "postprocess", "publish")
 STALE_AFTER_S = 5.0
+# Frames waiting while none has been handled for this long: the pipeline is stuck.
+STALL_AFTER_S = 10.0
 
 
 class StartupError(RuntimeError):
@@ -70,6 +73,8 @@ class SegmentNode(Node):
         self._declare_runtime_parameters()
         self._last_stats: dict = {}
         self._last_received = None
+        self._last_handled = time.monotonic()  # a frame finished (published, rejected or failed)
+        self._busy_since: Optional[float] = None  # the inference thread is on a frame since
         self._diag_state = {"processed": 0, "time": time.monotonic(), "rejected": 0, "failed": 0}
 
         self.labels_pub = self.create_publisher(Image, "~/labels", QoSProfile(depth=2))
@@ -90,8 +95,7 @@ class SegmentNode(Node):
             self.create_subscription(Image, self.input_topic, self._on_frame, qos)
         self.create_timer(self.diagnostic_period, self._publish_diagnostics)
 
-        self._worker = threading.Thread(target=self._run_worker, name="clustvit-inference", daemon=True)
-        self._worker.start()
+        self._start_worker()
         info = self.engine.info()
         self.get_logger().info(
             f"model {info.model_path} on {info.device} ({info.dtype}), inference size "
@@ -265,17 +269,25 @@ class SegmentNode(Node):
         self._last_received = time.monotonic()
         self.slot.put(PendingFrame(message, now))
 
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._run_worker, name="clustvit-inference", daemon=True)
+        self._worker.start()
+
     def _run_worker(self) -> None:
+        """The inference thread: whatever one frame raises is that frame's failure, never the thread's end."""
         while not self.slot.closed:
             frame = self.slot.take(timeout=0.2)
             if frame is None:
                 continue
+            self._busy_since = time.monotonic()
             try:
                 self._process(frame)
-            except Exception:
-                if not self.context.ok():  # Ctrl-C shut the context down mid-frame: just stop
+            except Exception as exc:  # noqa: BLE001
+                if not self.context.ok():  # shutting down mid-frame: just stop
                     return
-                raise
+                self._reject("failed", f"frame failed: {type(exc).__name__}: {exc}", frame.message.header)
+            finally:
+                self._last_handled, self._busy_since = time.monotonic(), None
 
     def _decode(self, message):
         if isinstance(message, CompressedImage):
@@ -288,15 +300,16 @@ class SegmentNode(Node):
         header = frame.message.header
         try:
             bgr = self._decode(frame.message)
-        except FrameError as exc:
-            self._reject("rejected", f"bad frame: {exc}")
+        except Exception as exc:  # noqa: BLE001 - FrameError, or anything a malformed message triggers
+            reason = str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
+            self._reject("rejected", f"bad frame: {reason}", header)
             return
         decoded = time.perf_counter()
         try:
             result = self.engine.segment(bgr, labels_at_input_resolution=self.labels_at_input_resolution,
                                          bgr=True)
         except Exception as exc:  # a failing frame (e.g. out of GPU memory) must not kill the node
-            self._reject("failed", f"inference failed: {type(exc).__name__}: {exc}")
+            self._reject("failed", f"inference failed: {type(exc).__name__}: {exc}", header)
             return
         segmented = time.perf_counter()
 
@@ -322,9 +335,15 @@ class SegmentNode(Node):
             inference=result.timings_ms["inference"], postprocess=result.timings_ms["postprocess"],
             publish=1e3 * (published - segmented), wait=1e3 * (started - frame.received), total=latency_ms)
 
-    def _reject(self, counter: str, reason: str) -> None:
+    def _reject(self, counter: str, reason: str, header=None) -> None:
+        """Count a frame that produced no labels, log it (throttled) and say so on ~/frame_stats."""
+        reason = bounded(reason)  # peers choose these strings: keep logs and diagnostics small
         self.counters.count(counter, error=reason, now=time.monotonic())
         self.get_logger().error(reason, throttle_duration_sec=2.0)
+        if header is not None:
+            status = DiagnosticStatus(level=DiagnosticStatus.ERROR, name=f"{NODE_NAME}: frame", message=reason,
+                                      values=[KeyValue(key="outcome", value=counter)])
+            self.frame_stats_pub.publish(DiagnosticArray(header=header, status=[status]))
 
     @staticmethod
     def _frame_stats(header, result, latency_ms: float, threshold: Optional[float]) -> DiagnosticArray:
@@ -351,7 +370,16 @@ class SegmentNode(Node):
         stats = self._last_stats
 
         level, message = DiagnosticStatus.OK, ""
-        if new_errors:
+        busy_since = self._busy_since
+        stalled_for = max(now - busy_since if busy_since is not None else 0.0,
+                          now - self._last_handled if self.slot.pending else 0.0)
+        if not self._worker.is_alive() and not self.slot.closed:
+            level, message = DiagnosticStatus.ERROR, "inference thread stopped; restarted"
+            self._start_worker()
+        elif stalled_for > STALL_AFTER_S:
+            level = DiagnosticStatus.ERROR
+            message = f"frames arrive but none was handled for {stalled_for:.0f} s"
+        elif new_errors:
             level, message = DiagnosticStatus.ERROR, counts["last_error"]
         elif self._last_received is None:
             level, message = DiagnosticStatus.WARN, f"waiting for images on {self.input_topic}"
@@ -402,9 +430,13 @@ class SegmentNode(Node):
         self.diagnostics_pub.publish(array)
 
     def destroy_node(self) -> None:
-        self.slot.close()
-        if self._worker.is_alive():
-            self._worker.join(timeout=5.0)
+        # Also called on a node whose construction failed half-way: nothing may be assumed.
+        slot = getattr(self, "slot", None)
+        if slot is not None:
+            slot.close()
+        worker = getattr(self, "_worker", None)
+        if worker is not None and worker.is_alive():
+            worker.join(timeout=5.0)
         super().destroy_node()
 
 

@@ -26,6 +26,12 @@ configure_ros_environment()
 
 
 @pytest.fixture(scope="session")
+def demo_video() -> Path:
+    assert DEMO_VIDEO.is_file(), "the packaged demo video is part of the repository"
+    return DEMO_VIDEO
+
+
+@pytest.fixture(scope="session")
 def camvid() -> Path:
     if not (CAMVID / "val").is_dir():
         pytest.skip("../shared/datasets/camvid not available")

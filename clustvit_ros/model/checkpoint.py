@@ -15,6 +15,9 @@ from .config import ModelConfig
 
 FORMAT_NAME = "clustvit_ros"
 FORMAT_VERSION = "1"
+MAX_EXTRA_CHARS = 16_000_000
+# Storage types a model's floating-point weights may have (int8 weights would be read as garbage).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,11 +50,22 @@ def read_metadata(path: PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {metadata.get('format_version')!r}"
                               f" is not supported (expected {FORMAT_VERSION})")
+    if "config" not in metadata:
+        raise CheckpointError(f"{path}: no model config in its metadata")
     try:
         config = ModelConfig.from_json(metadata["config"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: invalid model config: {exc}") from None
+    try:
+        if len(metadata.get("extra", "")) > MAX_EXTRA_CHARS:
+            raise ValueError(f"over {MAX_EXTRA_CHARS} characters")
         extra = json.loads(metadata.get("extra", "{}"))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: invalid model metadata ({exc})") from None
+        if not isinstance(extra, dict):
+            raise ValueError("not a JSON object")
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid 'extra' metadata: nested too deeply") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid 'extra' metadata: {exc}") from None
     return config, extra
 
 
@@ -82,16 +96,33 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     config, extra = read_metadata(path)
     try:
         model = ClustViT(config)
-    except ValueError as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. an injection point beyond the depth
         raise CheckpointError(f"{path}: {exc}") from None
     state = load_file(str(path))
     problems = state_dict_mismatch(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"{path}: weights do not match the described architecture: {problems}")
+    check_weights(path, model.state_dict(), state)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.checkpoint_path = str(path)
     model.checkpoint_info = extra
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_weights(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Floating-point weights stored as floating point, and every value finite.
+
+    NaN or infinite weights would publish garbage labels with healthy-looking
+    diagnostics; integer storage of a float weight would be silently converted.
+    """
+    for name, reference in expected.items():
+        tensor = found[name]
+        if reference.is_floating_point() and tensor.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: weight {name!r} is stored as {str(tensor.dtype).replace('torch.', '')}"
+                                  ", expected float32, float16 or bfloat16")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: weight {name!r} has {bad} non-finite values (NaN or inf)")
 
 
 def load_timm_backbone(path: PathLike) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,6 +25,43 @@ SUPPORTED_ARCHS = (
 )
 
 HEADS = ("segmenter", "linear")
+
+# Bounds on what a checkpoint may describe (far above any real model, far below an
+# allocation that could take the machine down).
+MAX_CLASSES = 65536  # labels are published as mono16 at most
+MAX_CLUSTERS = 64
+MAX_DEPTH = 64
+MAX_HEAD_LAYERS = 12
+MAX_NAME_CHARS = 100
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 4096
+MAX_INFO_DEPTH = 32
+MAX_CONFIG_CHARS = 1_000_000
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"field {field!r} = {_short(value)}: expected {expected}")
+
+
+def _depth(value: Any, limit: int = MAX_INFO_DEPTH + 1) -> int:
+    """Nesting depth of JSON-like data, counted only up to ``limit``."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
@@ -68,34 +106,66 @@ class ModelConfig:
     info: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; supported: {', '.join(HEADS)}")
-        if self.num_classes < 1:
-            raise ValueError("num_classes must be >= 1")
-        if self.clusters < 0:
-            raise ValueError("clusters must be >= 0 (0 = plain ViT)")
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if len(self.palette) != self.num_classes:
-            raise ValueError(f"{len(self.palette)} palette colours for {self.num_classes} classes")
-        if not 0.0 <= self.default_merge_threshold <= 1.0:
-            raise ValueError("default_merge_threshold must be in [0, 1]")
+        """Check every field against sane bounds before anything is built from it.
+
+        A checkpoint's metadata comes from a file anyone may have written: a
+        cluster count of 1e9 would allocate terabytes, a zero std would divide
+        by zero on every frame. ValueError names the field and the bound.
+        """
+        _check(self.arch in SUPPORTED_ARCHS, "arch", self.arch, f"one of {', '.join(SUPPORTED_ARCHS)}")
+        _check(self.head in HEADS, "head", self.head, f"one of {', '.join(HEADS)}")
+        _check(_is_int(self.num_classes) and 1 <= self.num_classes <= MAX_CLASSES, "num_classes",
+               self.num_classes, f"an integer in 1..{MAX_CLASSES}")
+        _check(_is_int(self.clusters) and 0 <= self.clusters <= MAX_CLUSTERS, "clusters", self.clusters,
+               f"an integer in 0..{MAX_CLUSTERS} (0 = plain ViT)")
+        _check(_is_int(self.injection_point) and 0 <= self.injection_point <= MAX_DEPTH, "injection_point",
+               self.injection_point, f"an integer in 0..{MAX_DEPTH}")
+        _check(_is_int(self.head_layers) and 1 <= self.head_layers <= MAX_HEAD_LAYERS, "head_layers",
+               self.head_layers, f"an integer in 1..{MAX_HEAD_LAYERS}")
+        _check(isinstance(self.class_names, (list, tuple)) and len(self.class_names) == self.num_classes
+               and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_CHARS for n in self.class_names),
+               "class_names", self.class_names,
+               f"{self.num_classes} names (one per class) of 1..{MAX_NAME_CHARS} characters")
+        _check(isinstance(self.palette, (list, tuple)) and len(self.palette) == self.num_classes
+               and all(isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
+                       for c in self.palette),
+               "palette", self.palette, f"{self.num_classes} RGB colours of integers 0..255")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            _check(isinstance(value, (list, tuple)) and len(value) == 3
+                   and all(_is_number(v) and math.isfinite(v) and abs(v) <= 1e3 for v in value),
+                   name, value, "3 finite numbers (R, G, B)")
+        _check(all(abs(v) >= 1e-6 for v in self.std), "std", self.std, "non-zero values")
+        _check(isinstance(self.input_size, (list, tuple)) and len(self.input_size) == 2
+               and all(_is_int(v) and MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE for v in self.input_size),
+               "input_size", self.input_size,
+               f"(height, width), integers in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}")
+        _check(_is_int(self.ignore_index) and 0 <= self.ignore_index <= 65535, "ignore_index",
+               self.ignore_index, "an integer in 0..65535")
+        _check(_is_number(self.default_merge_threshold) and 0.0 <= self.default_merge_threshold <= 1.0,
+               "default_merge_threshold", self.default_merge_threshold, "a number in [0, 1]")
+        _check(isinstance(self.info, dict) and _depth(self.info) <= MAX_INFO_DEPTH, "info", self.info,
+               f"a JSON object nested at most {MAX_INFO_DEPTH} deep")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        data = json.loads(text)
+        if len(text) > MAX_CONFIG_CHARS:
+            raise ValueError(f"config metadata of {len(text)} characters (at most {MAX_CONFIG_CHARS})")
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("config metadata nested too deeply") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config metadata is a JSON {type(data).__name__}, expected an object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         for key in ("mean", "std", "input_size"):
-            if key in data:
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         config = cls(**data)
         config.validate()
