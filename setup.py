@@ -1,15 +1,18 @@
 """ament_python package that also installs with pip (pip install -e .[ros])."""
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 PACKAGE = "clustvit_ros"
+HERE = Path(__file__).resolve().parent
 
 setup(
     name=PACKAGE,
     version="0.1.0",
     description="ClustViT token-merging ViT semantic segmentation as a ROS 2 node",
-    long_description=open("README.md", encoding="utf-8").read(),
+    # Relative to this file: colcon runs setup.py from build/ (--symlink-install too).
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
@@ -42,9 +45,10 @@ setup(
     zip_safe=True,
     entry_points={
         "console_scripts": [
-            "clustvit = clustvit_ros.cli:main",
-            "segment_node = clustvit_ros.segment_node:main",
-            "image_source = clustvit_ros.image_source:main",
+            "clustvit = clustvit_ros.tools.cli:main",
+            "segment_node = clustvit_ros.ros.segment_node:main",
+            "segment_lifecycle_node = clustvit_ros.ros.segment_node:lifecycle_main",
+            "image_source = clustvit_ros.ros.image_source:main",
         ],
     },
 )

@@ -69,13 +69,13 @@ def untrained_checkpoint(tmp_path_factory, untrained_model) -> Path:
 @pytest.fixture(scope="session")
 def val_samples(camvid):
     """A few real CamVid val frames: list of (RGB uint8, mask int64)."""
-    from clustvit_ros.data import open_dataset
+    from clustvit_ros.tools.data import open_dataset
     data = open_dataset(camvid, "val")
     return [data.load(i) for i in (0, 37, 80)]
 
 
 def normalise(rgb: np.ndarray) -> torch.Tensor:
-    from clustvit_ros.data import to_tensor
+    from clustvit_ros.tools.data import to_tensor
     return to_tensor(rgb, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).unsqueeze(0)
 
 

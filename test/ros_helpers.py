@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from clustvit_ros.ros_process import (NodeProcess, Probe, diagnostic_values, image_message,  # noqa: F401
+from clustvit_ros.tools.ros_process import (NodeProcess, Probe, diagnostic_values, image_message,  # noqa: F401
                                       wait_for)
 
 

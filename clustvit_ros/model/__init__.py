@@ -1,10 +1,15 @@
-"""Pure PyTorch + timm ClustViT (no ROS imports)."""
+"""Pure PyTorch + timm ClustViT (no ROS imports).
+
+``vit`` the segmentation model, ``heads`` its decoders, ``clustering`` ClustViT's
+learned merging pieces, ``config`` and ``checkpoint`` what a model file holds,
+``reduction`` the token-reduction strategies and their registry.
+"""
 from .checkpoint import (CheckpointError, load_checkpoint, load_timm_backbone, read_metadata,
                          save_checkpoint)
-from .clustering import ClusterMerging, assign_clusters, pseudo_cluster_targets
-from .clustvit import ClustViT, Features, Segmentation
+from .clustering import pseudo_cluster_targets
 from .config import CAMVID_CLASSES, CAMVID_PALETTE, ModelConfig
-from .reduction import NoReduction, ReductionStats, TokenReduction, run_blocks
+from .reduction import ClusterMerging, NoReduction, ReductionStats, TokenReduction, assign_clusters, run_blocks
+from .vit import ClustViT, Features, Segmentation
 
 __all__ = [
     "CAMVID_CLASSES", "CAMVID_PALETTE", "CheckpointError", "ClusterMerging", "ClustViT",

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .clustvit import ClustViT, state_dict_mismatch
+from .vit import ClustViT, state_dict_mismatch
 from .config import ModelConfig
 
 FORMAT_NAME = "clustvit_ros"

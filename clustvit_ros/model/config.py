@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .reduction.clustvit import SPEC as CLUSTVIT_STRATEGY
+
 # CamVid (SegNet 11-class split): names and the conventional RGB palette.
 CAMVID_CLASSES = (
     "Sky", "Building", "Pole", "Road", "Pavement", "Tree",
@@ -142,8 +144,9 @@ class ModelConfig:
                f"(height, width), integers in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}")
         _check(_is_int(self.ignore_index) and 0 <= self.ignore_index <= 65535, "ignore_index",
                self.ignore_index, "an integer in 0..65535")
-        _check(_is_number(self.default_merge_threshold) and 0.0 <= self.default_merge_threshold <= 1.0,
-               "default_merge_threshold", self.default_merge_threshold, "a number in [0, 1]")
+        knob = CLUSTVIT_STRATEGY.knob  # the threshold's range has one source: ClustViT's knob
+        _check(_is_number(self.default_merge_threshold) and knob.low <= self.default_merge_threshold <= knob.high,
+               "default_merge_threshold", self.default_merge_threshold, f"a number in [{knob.low:g}, {knob.high:g}]")
         _check(isinstance(self.info, dict) and _depth(self.info) <= MAX_INFO_DEPTH, "info", self.info,
                f"a JSON object nested at most {MAX_INFO_DEPTH} deep")
 

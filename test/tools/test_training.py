@@ -1,0 +1,164 @@
+"""Training: a tiny overfit run on real frames, resuming, and refusing to overwrite."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from clustvit_ros.tools.data import open_dataset
+from clustvit_ros.model import load_checkpoint
+from clustvit_ros.model.checkpoint import CheckpointError
+from clustvit_ros.tools.train import (TrainSettings, distillation_loss, load_last_epoch, read_training_state,
+                                   train)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, camvid):
+    """Four real CamVid frames as both train and val split (generic layout)."""
+    root = tmp_path_factory.mktemp("tiny")
+    source = open_dataset(camvid, "train")
+    for split in ("train", "val"):
+        for index in (0, 90, 180, 270):
+            for kind, path in (("images", source.images[index]), ("masks", source.masks[index])):
+                target = root / kind / split / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+    (root / "classes.txt").write_text("\n".join(source.class_names) + "\n")
+    return root
+
+
+def _settings(data, out, backbone, epochs):
+    return TrainSettings(data=str(data), out=str(out), init_backbone=str(backbone), epochs=epochs,
+                         batch_size=2, lr=5e-4, warmup_steps=4, void_label=11, input_size=(96, 128),
+                         crop_size=(96, 128), scale_range=(1.0, 1.0), cluster_warmup_epochs=2,
+                         workers=0, device="cpu")
+
+
+def _drop_saved_settings(state_path, names):
+    with safe_open(str(state_path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(state_path))
+    meta = json.loads(metadata["meta"])
+    for name in names:
+        meta["settings"].pop(name)
+    save_file(tensors, str(state_path), metadata={**metadata, "meta": json.dumps(meta)})
+
+
+def test_overfit_loss_falls_and_resume_continues(tmp_path, tiny_dataset, backbone_file):
+    out = tmp_path / "tiny.safetensors"
+    settings = _settings(tiny_dataset, out, backbone_file, epochs=8)
+    best = train(settings, log=lambda _: None)
+    history = read_training_state(settings.state_path())["history"]
+    losses = [r["loss"] for r in history]
+    assert len(losses) == 8
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert best["miou"] > history[0]["val_miou"]
+    model = load_checkpoint(out)  # the best checkpoint is a complete, loadable model
+    assert model.config.clusters == 3 and model.config.ignore_index == 11
+    assert model.checkpoint_info["val_metrics"]["miou"] == pytest.approx(best["miou"])
+
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(settings, log=lambda _: None)
+    # A state file written before keep_cluster_module / distill_from existed still resumes.
+    _drop_saved_settings(settings.state_path(), ("keep_cluster_module", "distill_from", "train_merge_threshold"))
+    longer = _settings(tiny_dataset, out, backbone_file, epochs=10)
+    lines = []
+    train(longer, resume=True, log=lines.append)
+    assert lines[0].startswith("resuming") and "epoch 9/10" in lines[0]
+    resumed = read_training_state(settings.state_path())["history"]
+    assert [r["epoch"] for r in resumed] == list(range(1, 11))
+    assert resumed[:8] == history
+
+    # The last epoch's weights (for export --last-epoch) come from the state file.
+    last = load_checkpoint(out)
+    assert load_last_epoch(last, out)["epoch"] == 9
+    state = load_file(str(settings.state_path()))
+    assert torch.equal(last.decode_head.class_embed, state["model.decode_head.class_embed"])
+    with pytest.raises(CheckpointError, match="no training state beside"):
+        load_last_epoch(last, tmp_path / "elsewhere.safetensors")
+
+
+def test_plain_vit_trains_without_cluster_module(tmp_path, tiny_dataset, backbone_file):
+    settings = _settings(tiny_dataset, tmp_path / "plain.safetensors", backbone_file, epochs=2)
+    settings.clusters = 0
+    train(settings, log=lambda _: None)
+    model = load_checkpoint(settings.out)
+    assert model.cluster_head is None and model.regenerator is None
+    assert np.isfinite(read_training_state(settings.state_path())["history"][-1]["loss"])
+
+
+def test_fine_tune_from_trained_checkpoint_with_other_k_and_ip(tmp_path, tiny_dataset, default_model_file,
+                                                               backbone_file):
+    """--init-from: backbone and head come from the packaged model, the cluster module is new."""
+    source = load_checkpoint(default_model_file)
+    settings = _settings(tiny_dataset, tmp_path / "ft.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from = None, str(default_model_file)
+    settings.clusters, settings.injection_point, settings.lr = 4, 3, 1e-5
+    fine_tuned = train(settings, log=lambda _: None)
+    model = load_checkpoint(settings.out)
+    assert (model.config.clusters, model.config.injection_point) == (4, 3)
+    assert model.cluster_head.fc2.weight.shape[0] != source.cluster_head.fc2.weight.shape[0]
+    # At this learning rate one epoch barely moves the loaded trunk ...
+    drift = (model.backbone.blocks[6].mlp.fc1.weight - source.backbone.blocks[6].mlp.fc1.weight).abs().max()
+    assert 0 < drift < 0.05
+    # ... and a trained trunk segments these frames far better than one epoch from ImageNet does.
+    scratch = _settings(tiny_dataset, tmp_path / "scratch.safetensors", backbone_file, 1)
+    scratch.clusters, scratch.injection_point = 4, 3
+    scratch_best = train(scratch, log=lambda _: None)
+    assert fine_tuned["miou"] > scratch_best["miou"] + 20
+
+
+def test_fine_tune_refuses_a_checkpoint_of_another_head(tmp_path, tiny_dataset, default_model_file):
+    settings = _settings(tiny_dataset, tmp_path / "ft.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from, settings.head = None, str(default_model_file), "linear"
+    with pytest.raises(CheckpointError, match="clustvit_tiny_camvid.safetensors.*linear"):
+        train(settings, log=lambda _: None)
+
+
+def test_continue_whole_model_with_distillation_and_a_merge_threshold(tmp_path, tiny_dataset,
+                                                                       default_model_file):
+    """--keep-cluster-module + --distill-from + --train-merge-threshold: stage two of the default recipe."""
+    source = load_checkpoint(default_model_file)
+    settings = _settings(tiny_dataset, tmp_path / "stage2.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from, settings.keep_cluster_module = None, str(default_model_file), True
+    settings.distill_from, settings.train_merge_threshold, settings.lr = str(default_model_file), 0.3, 1e-5
+    train(settings, log=lambda _: None)
+    model = load_checkpoint(settings.out)
+    # The cluster module was loaded, not re-initialised: one small-LR epoch leaves it close.
+    drift = (model.cluster_head.fc2.weight - source.cluster_head.fc2.weight).abs().max()
+    assert 0 < drift < 0.05
+    record = read_training_state(settings.state_path())["history"][0]
+    # The teacher (the same weights, unmerged) and the merged student disagree a little, not a lot.
+    assert 0 < record["distill_loss"] < 0.5
+    assert record["train_merged_fraction"] > 0.2
+
+    settings = _settings(tiny_dataset, tmp_path / "other.safetensors", default_model_file, epochs=1)
+    settings.init_backbone, settings.init_from, settings.keep_cluster_module = None, str(default_model_file), True
+    settings.clusters = 5
+    with pytest.raises(CheckpointError, match="clustvit_tiny_camvid.safetensors.*cluster module.*k=5"):
+        train(settings, log=lambda _: None)
+
+
+def test_distillation_loss_is_kl_over_labelled_pixels():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 8, 8)
+    masks = torch.randint(0, 5, (2, 8, 8))
+    assert distillation_loss(teacher, teacher, masks, 255).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(2, 5, 8, 8)
+    loss = distillation_loss(student, teacher, masks, 255)
+    expected = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True,
+                        reduction="none").sum(1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Void pixels do not count: a student wrong only there has no loss.
+    masks[:, :4] = 255
+    wrong_on_void = teacher.clone()
+    wrong_on_void[:, :, :4] = torch.randn(2, 5, 4, 8)
+    assert distillation_loss(wrong_on_void, teacher, masks, 255).item() == pytest.approx(0.0, abs=1e-6)
