@@ -40,7 +40,7 @@ setup(
         # ROS 2 from pip wheels, for machines without a ROS installation (tests, CI).
         "ros": ["ros-rclpy[fastrtps]", "ros-sensor-msgs", "ros-std-msgs", "ros-diagnostic-msgs",
                 "ros-rcl-interfaces"],
-        "test": ["pytest"],
+        "test": ["pytest", "ruff"],
     },
     zip_safe=True,
     entry_points={

@@ -210,7 +210,8 @@ class TransportLosses:
     too-large raw image). A new publisher starts its own count.
     """
 
-    def __init__(self, window: int = 200):
+    def __init__(self, window: int = 200, available: bool = True):
+        self.available = available  # False: the middleware gives no sequence numbers (nothing is counted)
         self._last: dict[bytes, int] = {}
         self.lost = 0
         self.received = 0

@@ -14,13 +14,15 @@ from typing import Any, Optional
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data, qos_profile_system_default
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_system_default
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.subscription import Subscription
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Float32, UInt32
 
 from ..inference.runtime import FrameCounters, RollingStats, TransportLosses
+from .diagnostics import processed_frame_stats
+from .image_conversion import bgr_image_fields, label_image_fields
 
 # rclpy hands a subscription callback the message info (sequence numbers) since Iron.
 HAS_MESSAGE_INFO = hasattr(Subscription, "CallbackType")
@@ -60,7 +62,7 @@ class CameraStream:
     name: str
     counters: FrameCounters = field(default_factory=FrameCounters)
     timings: RollingStats = field(default_factory=lambda: RollingStats(window=100))
-    losses: TransportLosses = field(default_factory=TransportLosses)
+    losses: TransportLosses = field(default_factory=lambda: TransportLosses(available=HAS_MESSAGE_INFO))
     last_received: Optional[float] = None
     last_stats: dict = field(default_factory=dict)
     camera_info: Optional[CameraInfo] = None
@@ -145,6 +147,34 @@ class CameraStream:
         new_errors = errors - self._errors_at_report
         self._processed_at_report, self._errors_at_report, self._report_time = counts["processed"], errors, now
         return rate, new_errors
+
+    def publish_result(self, frame: PendingFrame, bgr: np.ndarray, result, engine, runtime, node_name: str,
+                       decode_ms: float, decode_started: float) -> float:
+        """Every output of one segmented frame, with its header; returns its receive -> labels latency (ms)."""
+        header, outputs = frame.message.header, self.publishers
+        publish_started = time.perf_counter()
+        outputs["labels"].publish(Image(header=header, **label_image_fields(result.labels)))
+        latency_ms = 1e3 * (time.perf_counter() - frame.received)
+        outputs["token_count"].publish(UInt32(data=int(result.stats["tokens_after_merge"])))
+        outputs["latency_ms"].publish(Float32(data=float(latency_ms)))
+        knob = engine.knob
+        outputs["frame_stats"].publish(processed_frame_stats(
+            header, node_name, result.stats, latency_ms, result.timings_ms["inference"],
+            knob.name if knob else None, engine.knob_value, result.batch_size))
+        if result.confidence is not None and outputs["confidence"].get_subscription_count() > 0:
+            outputs["confidence"].publish(Image(header=header, **label_image_fields(result.confidence)))
+        if runtime.publish_overlay and outputs["overlay"].get_subscription_count() > 0:
+            overlay = engine.overlay(bgr, result.labels, runtime.overlay_alpha)
+            outputs["overlay"].publish(Image(header=header, **bgr_image_fields(overlay)))
+        self.publish_camera_info(header, result.labels)
+        published = time.perf_counter()
+        self.counters.count("processed")
+        self.last_stats = {**result.stats, "network_size": result.network_size, "input_size": bgr.shape[:2]}
+        self.timings.add(
+            decode=decode_ms, preprocess=result.timings_ms["preprocess"], inference=result.timings_ms["inference"],
+            postprocess=result.timings_ms["postprocess"], publish=1e3 * (published - publish_started),
+            wait=1e3 * (decode_started - frame.received), total=latency_ms)
+        return latency_ms
 
     def publish_camera_info(self, header, labels: np.ndarray) -> None:
         """The camera's intrinsics at the labels' resolution, with the labels' header (for projection)."""

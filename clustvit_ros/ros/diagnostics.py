@@ -23,7 +23,7 @@ TRANSPORT_LOSS_WARN = 0.03
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 
 
-def _status(level: int, name: str, message: str, values: dict[str, Any], hardware_id: str = "") -> DiagnosticStatus:
+def status(level: int, name: str, message: str, values: dict[str, Any], hardware_id: str = "") -> DiagnosticStatus:
     return DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id,
                             values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
 
@@ -37,12 +37,12 @@ def processed_frame_stats(header, node_name: str, stats: dict, latency_ms: float
               "merge_threshold": "n/a" if knob_value is None or knob_name != "threshold" else f"{knob_value:.4f}",
               "knob": "n/a" if knob_value is None else f"{knob_name}={knob_value:g}",
               "latency_ms": f"{latency_ms:.2f}", "inference_ms": f"{inference_ms:.2f}", "batch_size": batch_size}
-    return DiagnosticArray(header=header, status=[_status(OK, f"{node_name}: frame", "", values)])
+    return DiagnosticArray(header=header, status=[status(OK, f"{node_name}: frame", "", values)])
 
 
 def failed_frame_stats(header, node_name: str, outcome: str, reason: str) -> DiagnosticArray:
     """~/frame_stats of a frame that produced no labels (rejected input, or a failed inference)."""
-    return DiagnosticArray(header=header, status=[_status(ERROR, f"{node_name}: frame", reason,
+    return DiagnosticArray(header=header, status=[status(ERROR, f"{node_name}: frame", reason,
                                                           {"outcome": outcome})])
 
 
@@ -99,5 +99,87 @@ def timing_values(timings: dict[str, tuple[float, float]]) -> dict[str, str]:
     return values
 
 
-def status(level: int, name: str, message: str, values: dict[str, Any], hardware_id: str) -> DiagnosticStatus:
-    return _status(level, name, message, values, hardware_id)
+class PipelineReporter:
+    """Builds the periodic /diagnostics array from a pipeline's state: one status for the node,
+    and one per camera when it serves several."""
+
+    def __init__(self, pipeline, publisher):
+        self.pipeline = pipeline
+        self.publisher = publisher
+
+    def publish(self, now: float, worker_alive: bool, stalled_for: float) -> None:
+        pipeline = self.pipeline
+        statuses = []
+        overall: Optional[tuple[int, str]] = None
+        for camera in pipeline.cameras:
+            level, message, values = self._camera_report(camera, now, worker_alive, stalled_for)
+            if overall is None or level > overall[0]:
+                overall = (level, message)
+            statuses.append((camera, level, message, values))
+        engine_values = self._engine_values()
+        hardware = engine_values.get("device", "")
+        array = DiagnosticArray()
+        name = f"{pipeline.name}: segmentation"
+        if len(pipeline.cameras) == 1:  # one status, as rqt_runtime_monitor users know it
+            _, level, message, values = statuses[0]
+            array.status.append(status(level, name, message, {**engine_values, **values}, hardware))
+        else:  # the node's status (the worst camera's level), then one per camera
+            level, message = overall
+            cameras = ", ".join(c.name for c in pipeline.cameras)
+            array.status.append(status(level, name, message, {**engine_values, "cameras": cameras,
+                                                              **pipeline.batching.summary()}, hardware))
+            for camera, level, message, values in statuses:
+                array.status.append(status(level, f"{pipeline.name}: camera {camera.name}", message, values, hardware))
+        array.header.stamp = pipeline.node.get_clock().now().to_msg()
+        self.publisher.publish(array)
+
+    def _camera_report(self, camera, now: float, worker_alive: bool, stalled_for: float) -> tuple[int, str, dict]:
+        pipeline = self.pipeline
+        rate, new_errors = camera.report_window(now)
+        counts = camera.counters.snapshot()
+        timings = camera.timings.summary()
+        health = Health(
+            now=now, new_errors=new_errors, last_error=counts["last_error"], worker_alive=worker_alive,
+            stalled_for=stalled_for, last_received=camera.last_received, input_topics=camera.input_topic or "input",
+            transport_loss=camera.losses.recent_fraction(),
+            target_latency_ms=pipeline.runtime.target_latency_ms,
+            latency_p95_ms=timings["total"][1] if "total" in timings else None, rate_hz=rate, active=pipeline.active,
+            model_loaded=pipeline.engine is not None)
+        level, message = judge(health)
+        stats = camera.last_stats
+        values: dict[str, Any] = {
+            "input_topic": camera.input_topic or "n/a",
+            "input_size": "x".join(map(str, stats.get("input_size", ())[::-1])) or "n/a",
+            "inference_size": "x".join(map(str, stats.get("network_size", ())[::-1])) or "n/a",
+            "tokens_in": stats.get("tokens_in", "n/a"),
+            "tokens_after_merge": stats.get("tokens_after_merge", "n/a"),
+            "merged_fraction": f"{stats['merged_fraction']:.3f}" if "merged_fraction" in stats else "n/a",
+            **timing_values(timings),
+            "output_rate_hz": f"{rate:.2f}",
+            "frames_received": counts["received"],
+            "frames_processed": counts["processed"],
+            "frames_dropped": pipeline.slots.dropped.get(camera.name, 0),
+            "frames_rejected": counts["rejected"],
+            "frames_failed": counts["failed"],
+            "frames_lost_in_transport": camera.losses.lost if camera.losses.available else "n/a",
+            "last_error": counts["last_error"] or "none",
+        }
+        return level, message, values
+
+    def _engine_values(self) -> dict[str, Any]:
+        pipeline = self.pipeline
+        engine = pipeline.engine
+        if engine is None:
+            return {"model": "not loaded", "device": pipeline.settings.device}
+        info = engine.info()
+        knob, value = engine.knob, engine.knob_value
+        return {
+            "model": info.model_path,
+            "device": f"{info.device} ({info.dtype})",
+            "precision": f"{info.dtype} ({info.precision_reason})",
+            "cpu_threads": pipeline.threads,
+            "strategy": engine.strategy.name,
+            "strategy_knob": "n/a" if knob is None else f"{knob.name}={value:g}",
+            "merge_threshold": f"{value:.3f}" if knob is not None and knob.name == "threshold" else "n/a",
+            "target_latency_ms": f"{pipeline.runtime.target_latency_ms:g}",
+        }

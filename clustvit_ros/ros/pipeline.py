@@ -17,12 +17,11 @@ import gc
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Optional
 
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Float32, UInt32
+from sensor_msgs.msg import CompressedImage
 
 from ..inference.devices import resolve_device, set_cpu_threads
 from ..inference.engine import SegmentationEngine
@@ -31,10 +30,38 @@ from ..inference.runtime import BatchChooser, FrameSlots, LatencyController
 from ..model import CheckpointError
 from ..model.reduction import strategy_spec
 from . import diagnostics
-from .camera import HAS_MESSAGE_INFO, CameraStream, PendingFrame
-from .image_conversion import FrameError, bgr_image_fields, decode_compressed, decode_image, label_image_fields
+from .camera import CameraStream, PendingFrame
+from .image_conversion import FrameError, decode_compressed, decode_image
 from .limits import bounded
 from .parameters import RuntimeSettings, StartupError, StartupSettings, declare_runtime, knob_parameter_name
+
+
+def load_engine(settings: StartupSettings) -> SegmentationEngine:
+    """The model the start-up parameters name, on their device and precision, with its strategy."""
+    model_path = settings.model_path or str(packaged_model_path())
+    try:
+        device = resolve_device(settings.device)
+        engine = SegmentationEngine.from_checkpoint(model_path, str(device), precision=settings.precision,
+                                                    inference_size=settings.inference_size or None)
+    except CheckpointError as exc:
+        raise StartupError(f"cannot load model: {exc}") from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise StartupError(str(exc)) from None
+    name = settings.merge_strategy or ("clustvit" if engine.config.clusters else "none")
+    try:
+        strategy_spec(name)
+        engine.use_strategy(name)
+    except ValueError as exc:
+        raise StartupError(f"merge_strategy: {exc}") from None
+    return engine
+
+
+def decode(message, max_pixels: int):
+    """A received Image or CompressedImage as BGR uint8; FrameError says what is wrong with it."""
+    if isinstance(message, CompressedImage):
+        return decode_compressed(message.format, message.data, max_pixels)
+    return decode_image(message.encoding, message.height, message.width, message.step, message.data,
+                        message.is_bigendian, max_pixels)
 
 
 class SegmentationPipeline:
@@ -58,12 +85,12 @@ class SegmentationPipeline:
         self._busy_since: Optional[float] = None
         self._worker_restarts = 0
         self.threads = set_cpu_threads(settings.num_threads)
-        self.diagnostics_pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.reporter = diagnostics.PipelineReporter(self, node.create_publisher(DiagnosticArray, "/diagnostics", 10))
         self.timer = node.create_timer(settings.diagnostic_period, self.publish_diagnostics)
 
     # -- stages ------------------------------------------------------------------------
     def configure(self) -> None:
-        self.engine = self._load_engine()
+        self.engine = load_engine(self.settings)
         strategy = self.engine.strategy
         if not self._runtime_declared:
             declare_runtime(self.node, strategy, self.engine.knob_default, self.engine.config.class_names,
@@ -112,26 +139,6 @@ class SegmentationPipeline:
         self._stop_worker()
         if self.engine is not None:
             self.cleanup()
-
-    # -- start-up ----------------------------------------------------------------------
-    def _load_engine(self) -> SegmentationEngine:
-        settings = self.settings
-        model_path = settings.model_path or str(packaged_model_path())
-        try:
-            device = resolve_device(settings.device)
-            engine = SegmentationEngine.from_checkpoint(model_path, str(device), precision=settings.precision,
-                                                        inference_size=settings.inference_size or None)
-        except CheckpointError as exc:
-            raise StartupError(f"cannot load model: {exc}") from None
-        except (ValueError, FileNotFoundError) as exc:
-            raise StartupError(str(exc)) from None
-        name = settings.merge_strategy or ("clustvit" if engine.config.clusters else "none")
-        try:
-            strategy_spec(name)
-            engine.use_strategy(name)
-        except ValueError as exc:
-            raise StartupError(f"merge_strategy: {exc}") from None
-        return engine
 
     def _apply(self, values: dict) -> None:
         """Runtime parameter changes (already validated by descriptors and the on-set callback)."""
@@ -185,19 +192,12 @@ class SegmentationPipeline:
             finally:
                 self._last_handled, self._busy_since = time.monotonic(), None
 
-    def _decode(self, message):
-        limit = self.settings.max_input_pixels
-        if isinstance(message, CompressedImage):
-            return decode_compressed(message.format, message.data, limit)
-        return decode_image(message.encoding, message.height, message.width, message.step, message.data,
-                            message.is_bigendian, limit)
-
     def _process(self, frames: list[PendingFrame]) -> None:
         groups: dict[tuple, list] = defaultdict(list)
         for frame in frames:
             started = time.perf_counter()
             try:
-                bgr = self._decode(frame.message)
+                bgr = decode(frame.message, self.settings.max_input_pixels)
             except Exception as exc:  # noqa: BLE001 - FrameError, or anything a malformed message triggers
                 reason = str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
                 self._reject(frame, "rejected", f"bad frame: {reason}")
@@ -230,34 +230,12 @@ class SegmentationPipeline:
             frame.camera.publishers["confidence"].get_subscription_count() > 0 for frame, *_ in group)
 
     def _publish(self, frame: PendingFrame, bgr, result, decode_ms: float, decode_started: float) -> None:
-        camera, header, runtime, engine = frame.camera, frame.message.header, self.runtime, self.engine
-        publish_started = time.perf_counter()
-        outputs = camera.publishers
-        outputs["labels"].publish(Image(header=header, **label_image_fields(result.labels)))
-        labelled = time.perf_counter()
-        latency_ms = 1e3 * (labelled - frame.received)
-        outputs["token_count"].publish(UInt32(data=int(result.stats["tokens_after_merge"])))
-        outputs["latency_ms"].publish(Float32(data=float(latency_ms)))
-        knob = engine.knob
-        knob_value = engine.knob_value
-        outputs["frame_stats"].publish(diagnostics.processed_frame_stats(
-            header, self.name, result.stats, latency_ms, result.timings_ms["inference"],
-            knob.name if knob else None, knob_value, result.batch_size))
-        if result.confidence is not None and outputs["confidence"].get_subscription_count() > 0:
-            outputs["confidence"].publish(Image(header=header, **label_image_fields(result.confidence)))
-        if runtime.publish_overlay and outputs["overlay"].get_subscription_count() > 0:
-            overlay = engine.overlay(bgr, result.labels, runtime.overlay_alpha)
-            outputs["overlay"].publish(Image(header=header, **bgr_image_fields(overlay)))
-        camera.publish_camera_info(header, result.labels)
-        published = time.perf_counter()
+        engine, runtime = self.engine, self.runtime
+        knob, knob_value = engine.knob, engine.knob_value
+        latency_ms = frame.camera.publish_result(frame, bgr, result, engine, runtime, self.name, decode_ms,
+                                                 decode_started)
         if runtime.target_latency_ms > 0 and knob is not None:
             engine.knob_value = self.controller.update(knob_value, latency_ms, runtime.target_latency_ms, knob)
-        camera.counters.count("processed")
-        camera.last_stats = {**result.stats, "network_size": result.network_size, "input_size": bgr.shape[:2]}
-        camera.timings.add(
-            decode=decode_ms, preprocess=result.timings_ms["preprocess"], inference=result.timings_ms["inference"],
-            postprocess=result.timings_ms["postprocess"], publish=1e3 * (published - publish_started),
-            wait=1e3 * (decode_started - frame.received), total=latency_ms)
 
     def _reject(self, frame: PendingFrame, counter: str, reason: str) -> None:
         """Count a frame that produced no labels, log it (throttled) and say so on ~/frame_stats."""
@@ -269,86 +247,20 @@ class SegmentationPipeline:
             publisher.publish(diagnostics.failed_frame_stats(frame.message.header, self.name, counter, reason))
 
     # -- diagnostics -------------------------------------------------------------------
+    @property
+    def diagnostics_pub(self):
+        return self.reporter.publisher
+
+    def worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
     def publish_diagnostics(self) -> None:
-        now = time.monotonic()
-        worker_alive = self._worker is not None and self._worker.is_alive()
-        if self.active and not worker_alive and not self.slots.closed:
-            self._worker_restarts += 1
+        """The periodic /diagnostics report; a dead inference thread is restarted here."""
+        alive = self.worker_alive()
+        if self.active and not alive and not self.slots.closed:
             self._start_worker()
+        now = time.monotonic()
         busy_since = self._busy_since
         stalled_for = max(now - busy_since if busy_since is not None else 0.0,
                           now - self._last_handled if self.slots.pending else 0.0)
-        statuses = []
-        overall: Optional[tuple[int, str]] = None
-        for camera in self.cameras:
-            level, message, values = self._camera_report(camera, now, worker_alive or not self.active, stalled_for)
-            if overall is None or level > overall[0]:
-                overall = (level, message)
-            statuses.append((camera, level, message, values))
-        engine_values = self._engine_values()
-        hardware = engine_values.get("device", "")
-        array = DiagnosticArray()
-        if len(self.cameras) == 1:
-            camera, level, message, values = statuses[0]
-            array.status.append(diagnostics.status(level, f"{self.name}: segmentation", message,
-                                                   {**engine_values, **values}, hardware))
-        else:
-            level, message = overall
-            array.status.append(diagnostics.status(level, f"{self.name}: segmentation", message,
-                                                   {**engine_values, "cameras": ", ".join(c.name for c in self.cameras),
-                                                    **self.batching.summary()}, hardware))
-            for camera, level, message, values in statuses:
-                array.status.append(diagnostics.status(level, f"{self.name}: camera {camera.name}", message,
-                                                       values, hardware))
-        array.header.stamp = self.node.get_clock().now().to_msg()
-        self.diagnostics_pub.publish(array)
-
-    def _camera_report(self, camera: CameraStream, now: float, worker_alive: bool,
-                       stalled_for: float) -> tuple[int, str, dict]:
-        rate, new_errors = camera.report_window(now)
-        counts = camera.counters.snapshot()
-        timings = camera.timings.summary()
-        health = diagnostics.Health(
-            now=now, new_errors=new_errors, last_error=counts["last_error"], worker_alive=worker_alive,
-            stalled_for=stalled_for, last_received=camera.last_received, input_topics=camera.input_topic or "input",
-            transport_loss=camera.losses.recent_fraction() if HAS_MESSAGE_INFO else None,
-            target_latency_ms=self.runtime.target_latency_ms,
-            latency_p95_ms=timings["total"][1] if "total" in timings else None, rate_hz=rate, active=self.active,
-            model_loaded=self.engine is not None)
-        level, message = diagnostics.judge(health)
-        stats = camera.last_stats
-        values: dict[str, Any] = {
-            "input_topic": camera.input_topic or "n/a",
-            "input_size": "x".join(map(str, stats.get("input_size", ())[::-1])) or "n/a",
-            "inference_size": "x".join(map(str, stats.get("network_size", ())[::-1])) or "n/a",
-            "tokens_in": stats.get("tokens_in", "n/a"),
-            "tokens_after_merge": stats.get("tokens_after_merge", "n/a"),
-            "merged_fraction": f"{stats['merged_fraction']:.3f}" if "merged_fraction" in stats else "n/a",
-            **diagnostics.timing_values(timings),
-            "output_rate_hz": f"{rate:.2f}",
-            "frames_received": counts["received"],
-            "frames_processed": counts["processed"],
-            "frames_dropped": self.slots.dropped.get(camera.name, 0),
-            "frames_rejected": counts["rejected"],
-            "frames_failed": counts["failed"],
-            "frames_lost_in_transport": camera.losses.lost if HAS_MESSAGE_INFO else "n/a",
-            "last_error": counts["last_error"] or "none",
-        }
-        return level, message, values
-
-    def _engine_values(self) -> dict[str, Any]:
-        engine = self.engine
-        if engine is None:
-            return {"model": "not loaded", "device": self.settings.device}
-        info = engine.info()
-        knob, value = engine.knob, engine.knob_value
-        return {
-            "model": info.model_path,
-            "device": f"{info.device} ({info.dtype})",
-            "precision": f"{info.dtype} ({info.precision_reason})",
-            "cpu_threads": self.threads,
-            "strategy": engine.strategy.name,
-            "strategy_knob": "n/a" if knob is None else f"{knob.name}={value:g}",
-            "merge_threshold": f"{value:.3f}" if knob is not None and knob.name == "threshold" else "n/a",
-            "target_latency_ms": f"{self.runtime.target_latency_ms:g}",
-        }
+        self.reporter.publish(now, alive or not self.active, stalled_for)

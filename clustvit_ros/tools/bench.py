@@ -272,8 +272,19 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     if settings.merge_threshold is not None and name != "clustvit":
         raise ValueError(f"--merge-threshold is ClustViT's knob; strategy {name!r} takes --knob")
     knob = settings.knob if settings.knob is not None else settings.merge_threshold
-    unmerged = NoReduction()
+    result = merged_vs_unmerged(model, name, knob, samples, settings, timer, device, log)
+    result["precision"] = precision.name
+    if settings.sweep or settings.sweep_threshold:
+        if settings.oracle_clusters:
+            raise ValueError("a sweep measures the learned decisions; drop --oracle-clusters")
+        result["sweep"] = knob_sweep(model, name, samples, settings, timer, data_info, device, log)
+    return result
 
+
+def merged_vs_unmerged(model: ClustViT, name: str, knob: Optional[float], samples: list[Sample],
+                       settings: BenchSettings, timer: Timer, device: torch.device, log) -> dict:
+    """The strategy, the plain ViT on the same weights, and timm's own forward: interleaved, with GFLOPs."""
+    unmerged = NoReduction()
     merged_arm = lambda s: model(s.image, _strategy(model, name, knob, s))  # noqa: E731
     unmerged_arm = lambda s: model(s.image, unmerged)  # noqa: E731
     reference_arm = lambda s: timm_reference_forward(model, s.image)  # noqa: E731
@@ -316,13 +327,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         "merge_threshold": described.get("threshold"),
         "model": settings.model or "untrained ClustViT (backbone from shared weights)",
         "torch_threads": torch.get_num_threads(),
-        "precision": precision.name,
         "flop_convention": FLOP_CONVENTION,
     }
-    if settings.sweep or settings.sweep_threshold:
-        if settings.oracle_clusters:
-            raise ValueError("a sweep measures the learned decisions; drop --oracle-clusters")
-        result["sweep"] = knob_sweep(model, name, samples, settings, timer, data_info, device, log)
     return result
 
 

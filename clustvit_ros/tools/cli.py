@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clustvit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
+    _add_train(commands)
+    _add_eval(commands)
+    _add_bench(commands)
+    _add_export(commands)
+    return parser
+
+
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train a model (resumable; keeps the best checkpoint)")
     train.add_argument("--data", required=True, help="dataset root (CamVid or images/ + masks/ layout)")
     train.add_argument("--out", required=True, help="best checkpoint (.safetensors)")
@@ -44,15 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "this (default: the paper's argmax rule)")
     train.add_argument("--distill-from", help="trained checkpoint (same classes) whose unmerged predictions "
                        "the model is distilled towards, e.g. the plain ViT")
-    train.add_argument("--distill-weight", type=float, default=TRAIN.distill_weight, help="weight of the distillation KL term")
+    train.add_argument("--distill-weight", type=float, default=TRAIN.distill_weight,
+                       help="weight of the distillation KL term")
     train.add_argument("--arch", default=TRAIN.arch)
-    train.add_argument("--clusters", type=int, default=TRAIN.clusters, help="k; 0 trains the plain ViT (no merging)")
-    train.add_argument("--injection-point", type=int, default=TRAIN.injection_point, help="block before which tokens merge")
+    train.add_argument("--clusters", type=int, default=TRAIN.clusters,
+                       help="k; 0 trains the plain ViT (no merging)")
+    train.add_argument("--injection-point", type=int, default=TRAIN.injection_point,
+                       help="block before which tokens merge")
     train.add_argument("--head", choices=("segmenter", "linear"), default=TRAIN.head)
     train.add_argument("--epochs", type=_positive, default=TRAIN.epochs)
     train.add_argument("--batch-size", type=_positive, default=TRAIN.batch_size)
     train.add_argument("--lr", type=float, default=TRAIN.lr)
-    train.add_argument("--warmup-steps", type=int, default=TRAIN.warmup_steps, help="linear LR warm-up before the cosine decay")
+    train.add_argument("--warmup-steps", type=int, default=TRAIN.warmup_steps,
+                       help="linear LR warm-up before the cosine decay")
     train.add_argument("--layer-decay", type=float, default=TRAIN.layer_decay)
     train.add_argument("--cluster-loss-weight", type=float, default=TRAIN.cluster_loss_weight)
     train.add_argument("--cluster-warmup-epochs", type=int, default=TRAIN.cluster_warmup_epochs)
@@ -64,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frame_args(train, "train", "train", "training frames")
     _add_frame_args(train, "val", "val", "validation frames ('none': no validation, keep the last epoch)")
     train.add_argument("--val-limit", type=int, help="validate on the first N images only")
-    train.add_argument("--val-every", type=_positive, default=TRAIN.val_every, help="validate every N epochs (and the last)")
+    train.add_argument("--val-every", type=_positive, default=TRAIN.val_every,
+                       help="validate every N epochs (and the last)")
     train.add_argument("--augment", choices=("basic", "domain-shift"), default=TRAIN.augment,
                        help="photometric augmentation: basic = colour jitter; domain-shift = also hue, gamma, "
                             "blur, noise and JPEG artefacts")
@@ -85,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=TRAIN.device)
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="accuracy and token statistics on a split")
     _add_model_args(evaluate)
     evaluate.add_argument("--data", required=True)
@@ -106,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--void-label", type=int)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="latency and GFLOPs, merging on vs off, batch 1")
     bench.add_argument("--model", help="checkpoint; omitted: untrained ViT-Ti ClustViT from "
                                        "../shared/weights (use with --oracle-clusters)")
@@ -143,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--void-label", type=int)
     bench.add_argument("--json", action="store_true")
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="rewrite a checkpoint (fp16, metadata) for deployment")
     export.add_argument("--model", required=True)
     export.add_argument("--out", required=True)
@@ -152,8 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--info", help="JSON file merged into the checkpoint's metadata")
     export.add_argument("--last-epoch", action="store_true",
                         help="the run's last epoch (from its .train-state file) instead of its best")
-    return parser
-
 
 def _add_frame_args(parser: argparse.ArgumentParser, prefix: str, split: str, what: str) -> None:
     """--<prefix>-split / -include / -exclude / -list: which frames of the data folder to use."""

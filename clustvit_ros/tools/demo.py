@@ -81,8 +81,9 @@ def _watch(probe: Probe, node: NodeProcess, camera: NodeProcess, args, out: Path
             last_progress = time.monotonic()
             latencies.append(float(values["latency_ms"]))
             tokens.append(int(values["tokens_after_merge"]))
+            merged = 100 * float(values["merged_fraction"])
             print(f"frame {printed:3d}  tokens {values['tokens_after_merge']:>3}/{values['tokens_in']} "
-                  f"(merged {100 * float(values['merged_fraction']):4.1f} %)  latency {float(values['latency_ms']):6.1f} ms"
+                  f"(merged {merged:4.1f} %)  latency {float(values['latency_ms']):6.1f} ms"
                   f"  (inference {float(values['inference_ms']):6.1f} ms)", flush=True)
         overlays = probe.received("/clustvit/overlay")
         if overlays and len(saved) < printed // args.save_every + 1:
@@ -100,8 +101,9 @@ def _watch(probe: Probe, node: NodeProcess, camera: NodeProcess, args, out: Path
         print(node.log(), file=sys.stderr)
         return 1
     diagnostics = [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")]
+    tokens_in = diagnostic_values(probe.received("/clustvit/frame_stats")[-1].status[0])["tokens_in"]
     print(f"\ndemo: {len(latencies)} frames segmented; median latency {np.median(latencies):.1f} ms, "
-          f"median tokens {np.median(tokens):.0f}/{diagnostic_values(probe.received('/clustvit/frame_stats')[-1].status[0])['tokens_in']}")
+          f"median tokens {np.median(tokens):.0f}/{tokens_in}")
     if diagnostics:
         values = diagnostic_values(diagnostics[-1])
         print(f"demo: diagnostics: {diagnostics[-1].message}; received {values['frames_received']}, processed "

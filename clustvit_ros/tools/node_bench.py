@@ -71,56 +71,61 @@ def run(args: argparse.Namespace) -> dict:
         camera = probe.publisher(Image, INPUT)
         if not wait_for(lambda: camera.get_subscription_count() > 0, 180):
             raise SystemExit("node did not subscribe:\n" + node.log())
-
-        # 1. Overhead: one frame at a time, the next only after the previous is out.
-        for index in range(args.warmup + args.overhead_frames):
-            before = len(probe.received("/clustvit/frame_stats"))
-            message = messages[index % len(messages)]
-            deadline = time.monotonic() + 30
-            while len(probe.received("/clustvit/frame_stats")) == before and time.monotonic() < deadline:
-                camera.publish(message)
-                wait_for(lambda: len(probe.received("/clustvit/frame_stats")) > before, 2.0)
-            time.sleep(0.02)  # the node is idle when the next frame arrives
-        values = _frame_values(probe)[args.warmup:]
-        latency = np.array([float(v["latency_ms"]) for v in values])
-        inference = np.array([float(v["inference_ms"]) for v in values])
-        status = [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")][-1]
-        stages = {k: float(v) for k, v in diagnostic_values(status).items() if k.endswith("_ms_mean")}
-
-        # 2. Flood at args.rate.
-        probe.clear()
-        period = 1.0 / args.rate
-        start = time.monotonic()
-        rss_start = None
-        for index in range(args.frames):
-            camera.publish(messages[index % len(messages)])
-            if index == 200:
-                rss_start = rss_mb(node.process.pid)
-            delay = start + (index + 1) * period - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        time.sleep(1.0)
-        rss_end = rss_mb(node.process.pid)
-        flood = np.array([float(v["latency_ms"]) for v in _frame_values(probe)])
-        flood_inference = np.array([float(v["inference_ms"]) for v in _frame_values(probe)])
-        time.sleep(1.5)
-        final = [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")][-1]
-        counts = diagnostic_values(final)
+        overhead = _overhead(probe, camera, messages, args)
+        flood = _flood(probe, camera, messages, node, args)
     finally:
         node.stop()
         probe.close()
+    return {"input": f"{args.width}x{args.height} bgr8", **overhead, **flood}
 
-    model_ms = float(np.median(inference))
+
+def _latest_status(probe: Probe):
+    return [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")][-1]
+
+
+def _overhead(probe: Probe, camera, messages: list, args: argparse.Namespace) -> dict:
+    """One frame at a time, the next only after the previous is out: the node's cost over the model's."""
+    for index in range(args.warmup + args.overhead_frames):
+        before = len(probe.received("/clustvit/frame_stats"))
+        message = messages[index % len(messages)]
+        deadline = time.monotonic() + 30
+        while len(probe.received("/clustvit/frame_stats")) == before and time.monotonic() < deadline:
+            camera.publish(message)
+            wait_for(lambda: len(probe.received("/clustvit/frame_stats")) > before, 2.0)
+        time.sleep(0.02)  # the node is idle when the next frame arrives
+    values = _frame_values(probe)[args.warmup:]
+    latency = np.array([float(v["latency_ms"]) for v in values])
+    model_ms = float(np.median([float(v["inference_ms"]) for v in values]))
+    stages = {k: float(v) for k, v in diagnostic_values(_latest_status(probe)).items() if k.endswith("_ms_mean")}
+    return {"model_latency_ms_median": model_ms, "node_latency_ms_median": float(np.median(latency)),
+            "overhead_ratio": float(np.median(latency)) / model_ms, "stage_ms_mean": stages}
+
+
+def _flood(probe: Probe, camera, messages: list, node: NodeProcess, args: argparse.Namespace) -> dict:
+    """Frames at ``args.rate`` Hz: latency p95 over the model's median, drops, memory growth."""
+    probe.clear()
+    period = 1.0 / args.rate
+    start = time.monotonic()
+    rss_start = None
+    for index in range(args.frames):
+        camera.publish(messages[index % len(messages)])
+        if index == 200:
+            rss_start = rss_mb(node.process.pid)
+        delay = start + (index + 1) * period - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    time.sleep(1.0)
+    rss_end = rss_mb(node.process.pid)
+    flood = np.array([float(v["latency_ms"]) for v in _frame_values(probe)])
+    flood_inference = np.array([float(v["inference_ms"]) for v in _frame_values(probe)])
+    time.sleep(1.5)
+    counts = diagnostic_values(_latest_status(probe))
     return {
-        "input": f"{args.width}x{args.height} bgr8",
-        "model_latency_ms_median": model_ms,
-        "node_latency_ms_median": float(np.median(latency)),
-        "overhead_ratio": float(np.median(latency)) / model_ms,
-        "stage_ms_mean": stages,
         "flood_rate_hz": args.rate,
         "flood_frames_published": args.frames,
         "flood_frames_processed": int(flood.size),
         "flood_frames_dropped": int(counts["frames_dropped"]),
+        "flood_frames_lost_in_transport": counts.get("frames_lost_in_transport"),
         "flood_latency_ms_median": float(np.median(flood)),
         "flood_latency_ms_p95": float(np.percentile(flood, 95)),
         "flood_model_latency_ms_median": float(np.median(flood_inference)),

@@ -419,7 +419,23 @@ def train(settings: TrainSettings, resume: bool = False, log: Callable[[str], No
 def _train(settings: TrainSettings, resume: bool, log: Callable[[str], None], dist: Distributed,
            device: torch.device) -> dict:
     torch.manual_seed(settings.seed)
-    train_data, val_data = open_training_frames(settings)
+    run = _Run.build(settings, dist, device, log)
+    start_epoch = run.resume(resume)
+    for line in describe_frames(run.train_data, run.val_data):
+        log(line)
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.time()
+        losses = run.train_epoch(epoch)
+        run.end_epoch(epoch, losses, started, time.time() - started)
+        dist.barrier()  # the other processes wait while rank 0 validates and saves
+    if dist.world > 1:
+        if not dist.weights_agree(run.model):
+            raise RuntimeError("the training processes ended with different weights")
+        log(f"weights identical on all {dist.world} processes")
+    return run.best or {}
+
+
+def _build_model(settings: TrainSettings, train_data: SegmentationData, device: torch.device) -> ClustViT:
     config = ModelConfig.for_dataset(
         train_data.class_names, train_data.palette, arch=settings.arch, clusters=settings.clusters,
         injection_point=settings.injection_point, head=settings.head,
@@ -430,43 +446,82 @@ def _train(settings: TrainSettings, resume: bool, log: Callable[[str], None], di
     elif settings.keep_cluster_module:
         raise ValueError("keep_cluster_module needs init_from (the checkpoint to take it from)")
     model = model.to(device)
-    if config.clusters:
-        validation_threshold = settings.train_merge_threshold
-        model.reduction = ClusterMerging(config.default_merge_threshold if validation_threshold is None
-                                         else validation_threshold)
-    distilling = settings.distill_from is not None and settings.distill_weight > 0
-    teacher = load_teacher(settings.distill_from, config, device) if distilling else None
+    if config.clusters:  # validation merges by the training rule's threshold, or the default one
+        threshold = settings.train_merge_threshold
+        model.reduction = ClusterMerging(config.default_merge_threshold if threshold is None else threshold)
+    return model
 
+
+def _build_dataset(settings: TrainSettings, train_data: SegmentationData, config: ModelConfig) -> TrainingSet:
     augment = Augment(base_size=tuple(settings.input_size), crop_size=tuple(settings.crop_size),
                       scale_range=tuple(settings.scale_range), ignore_index=train_data.ignore_index,
                       **AUGMENT_PRESETS[settings.augment])
-    dataset = TrainingSet(train_data, augment, config.mean, config.std, seed=settings.seed,
-                          rare_class_temperature=settings.rare_class_temperature)
-    weights = None
-    if settings.class_weighting == "sqrt-inverse":
-        weights = class_weights([m for _, m in dataset.samples], config.num_classes,
-                                config.ignore_index).to(device)
-    elif settings.class_weighting != "none":
-        raise ValueError(f"unknown class weighting {settings.class_weighting!r}")
+    return TrainingSet(train_data, augment, config.mean, config.std, seed=settings.seed,
+                       rare_class_temperature=settings.rare_class_temperature)
 
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, settings.lr, settings.weight_decay, settings.layer_decay),
-        lr=settings.lr, betas=(0.9, 0.999))
-    average = WeightAverage(model, settings.ema_decay) if settings.ema_decay > 0 else None
-    steps_per_epoch = len(dataset) // settings.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {settings.batch_size} exceeds the {len(dataset)} training images")
-    total_steps = steps_per_epoch * settings.epochs
 
-    state_path = settings.state_path()
-    start_epoch, best, history = 0, None, []
-    if state_path.exists() and not resume:
-        raise ValueError(f"{state_path} exists: pass --resume to continue that run, "
-                         "or delete it to start over")
-    if resume and not state_path.exists():
-        log(f"no training state at {state_path}: starting a new run")
-    if resume and state_path.exists():
-        meta = _load_state(state_path, model, optimizer, average)
+@dataclass
+class _Run:
+    """One training run's pieces, and its epoch loop split in the two halves every process / rank 0 runs."""
+
+    settings: TrainSettings
+    dist: Distributed
+    device: torch.device
+    log: Callable[[str], None]
+    train_data: SegmentationData
+    val_data: Optional[SegmentationData]
+    model: ClustViT
+    network: torch.nn.Module  # the model, or its DDP wrapper
+    dataset: TrainingSet
+    optimizer: torch.optim.Optimizer
+    average: Optional[WeightAverage]
+    teacher: Optional[ClustViT]
+    class_weights: Optional[torch.Tensor]
+    scaler: Optional[torch.amp.GradScaler]
+    autocast_dtype: Optional[torch.dtype]
+    best: Optional[dict] = None
+    history: list = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: TrainSettings, dist: Distributed, device: torch.device, log) -> "_Run":
+        train_data, val_data = open_training_frames(settings)
+        model = _build_model(settings, train_data, device)
+        config = model.config
+        distilling = settings.distill_from is not None and settings.distill_weight > 0
+        dataset = _build_dataset(settings, train_data, config)
+        weights = None
+        if settings.class_weighting == "sqrt-inverse":
+            weights = class_weights([m for _, m in dataset.samples], config.num_classes,
+                                    config.ignore_index).to(device)
+        elif settings.class_weighting != "none":
+            raise ValueError(f"unknown class weighting {settings.class_weighting!r}")
+        if len(dataset) // settings.batch_size == 0:
+            raise ValueError(f"batch size {settings.batch_size} exceeds the {len(dataset)} training images")
+        optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.weight_decay,
+                                                       settings.layer_decay), lr=settings.lr, betas=(0.9, 0.999))
+        network = model if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        return cls(settings, dist, device, log, train_data, val_data, model, network, dataset, optimizer,
+                   WeightAverage(model, settings.ema_decay) if settings.ema_decay > 0 else None,
+                   load_teacher(settings.distill_from, config, device) if distilling else None, weights,
+                   torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None,
+                   {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.settings.batch_size
+
+    def resume(self, resume: bool) -> int:
+        """The epoch to start at: 0, or after the last one saved (``resume``); refuses to overwrite a run."""
+        settings, state_path = self.settings, self.settings.state_path()
+        if state_path.exists() and not resume:
+            raise ValueError(f"{state_path} exists: pass --resume to continue that run, "
+                             "or delete it to start over")
+        if not state_path.exists():
+            if resume:
+                self.log(f"no training state at {state_path}: starting a new run")
+            return 0
+        meta = _load_state(state_path, self.model, self.optimizer, self.average)
         # A setting added after the run started is taken at its default (what the run used).
         defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
         saved = {k: meta["settings"].get(k, defaults[k]) for k in TrainSettings.IDENTITY}
@@ -475,58 +530,59 @@ def _train(settings: TrainSettings, resume: bool, log: Callable[[str], None], di
                    and not (isinstance(current[k], tuple) and list(current[k]) == list(saved[k]))]
         if changed:
             raise ValueError(f"{state_path}: cannot resume, settings changed: {changed}")
-        start_epoch, best, history = meta["epoch"] + 1, meta["best"], meta["history"]
-        log(f"resuming {state_path} at epoch {start_epoch + 1}/{settings.epochs}")
-    for line in describe_frames(train_data, val_data):
-        log(line)
+        self.best, self.history = meta["best"], meta["history"]
+        self.log(f"resuming {state_path} at epoch {meta['epoch'] + 2}/{settings.epochs}")
+        return meta["epoch"] + 1
 
-    network = model
-    if dist.world > 1:
-        network = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
-
-    for epoch in range(start_epoch, settings.epochs):
-        dataset.epoch = epoch
-        items = _rank_items(dataset.epoch_plan(epoch), settings.batch_size, dist)
+    def train_epoch(self, epoch: int) -> list[dict]:
+        """One pass over this process's share of the epoch plan; the loss parts of every step."""
+        settings, dist, device = self.settings, self.dist, self.device
+        self.dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=settings.batch_size // dist.world, sampler=items, drop_last=True,
-            num_workers=settings.workers, worker_init_fn=_single_thread_worker,
-            pin_memory=device.type == "cuda", persistent_workers=False)
-        model.train()
+            self.dataset, batch_size=settings.batch_size // dist.world, drop_last=True,
+            sampler=_rank_items(self.dataset.epoch_plan(epoch), settings.batch_size, dist),
+            num_workers=settings.workers, worker_init_fn=_single_thread_worker, pin_memory=device.type == "cuda")
+        self.model.train()
         oracle_phase = epoch < settings.cluster_warmup_epochs
-        started = time.time()
+        total_steps = self.steps_per_epoch * settings.epochs
         losses = []
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False,
                         disable=not (_interactive() and dist.main))
         for step_in_epoch, (images, masks) in enumerate(progress):
-            step = epoch * steps_per_epoch + step_in_epoch
-            factor = lr_factor(step, total_steps, settings.warmup_steps)
-            for group in optimizer.param_groups:
+            factor = lr_factor(epoch * self.steps_per_epoch + step_in_epoch, total_steps, settings.warmup_steps)
+            for group in self.optimizer.param_groups:
                 group["lr"] = settings.lr * group["lr_scale"] * factor
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                        else contextlib.nullcontext())
-            with autocast:
-                loss, parts = _loss(network, model, images, masks, config, settings, weights, oracle_phase,
-                                    teacher)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                optimizer.step()
-            if average is not None:
-                average.update(model)
+            with (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                  else contextlib.nullcontext()):
+                loss, parts = _loss(self.network, self.model, images, masks, self.model.config, settings,
+                                    self.class_weights, oracle_phase, self.teacher)
+            self._step(loss)
             losses.append(parts)
             progress.set_postfix(loss=f"{parts['loss']:.3f}")
-        train_time = time.time() - started
+        return losses
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        parameters = self.model.parameters()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, 5.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 5.0)
+            self.optimizer.step()
+        if self.average is not None:
+            self.average.update(self.model)
+
+    def end_epoch(self, epoch: int, losses: list[dict], started: float, train_time: float) -> None:
+        """Rank 0: validate (when due), keep the checkpoint, log, and save the resumable state."""
+        if not self.dist.main:
+            return
+        settings = self.settings
         record = {
             "epoch": epoch + 1,
             "loss": float(np.mean([p["loss"] for p in losses])),
@@ -534,40 +590,29 @@ def _train(settings: TrainSettings, resume: bool, log: Callable[[str], None], di
             "train_merged_fraction": float(np.mean([p.get("merged", 0.0) for p in losses])),
             "distill_loss": float(np.mean([p.get("distill", 0.0) for p in losses])),
             "train_seconds": round(train_time, 1),
-            "samples_per_second": round(steps_per_epoch * settings.batch_size / max(train_time, 1e-9), 2),
+            "samples_per_second": round(self.steps_per_epoch * settings.batch_size / max(train_time, 1e-9), 2),
         }
-        kept = average.module if average is not None else model
-        improved = False
-        if dist.main:
-            summary = None
-            due = (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs
-            if val_data is not None and due:
-                summary = evaluate_model(kept, val_data, device=str(device))
-                record.update({"val_miou": summary["miou"], "val_merged_fraction": summary["merged_fraction"],
-                               "val_per_prefix_miou": {k: v["miou"] for k, v in summary["per_prefix"].items()}})
-            record["seconds"] = round(time.time() - started, 1)
-            history.append(record)
-            improved = summary is not None and (best is None or "miou" not in best or summary["miou"] > best["miou"])
-            if settings.keep == "last":
-                best = {**(summary or {}), "epoch": epoch + 1}
-            elif improved:
-                best = {**summary, "epoch": epoch + 1}
-            if settings.keep == "last" or improved:
-                save_checkpoint(kept, settings.out, extra=_provenance(settings, train_data, val_data, best))
-            validation = (f" val mIoU {summary['miou']:.2f} merged {summary['merged_fraction']:.3f}"
-                          if summary is not None else "")
-            log(f"epoch {epoch + 1}/{settings.epochs} loss {record['loss']:.4f} "
-                f"cluster {record['cluster_loss']:.4f}{validation} ({record['seconds']:.0f} s, "
-                f"{record['samples_per_second']:.1f} samples/s)" + ("  *best*" if improved else ""))
-            _save_state(state_path, model, optimizer,
-                        {"epoch": epoch, "best": best, "history": history, "settings": settings.to_dict()},
-                        average)
-        dist.barrier()  # the other processes wait while rank 0 validates and saves
-    if dist.world > 1:
-        if not dist.weights_agree(model):
-            raise RuntimeError("the training processes ended with different weights")
-        log(f"weights identical on all {dist.world} processes")
-    return best or {}
+        kept = self.average.module if self.average is not None else self.model
+        summary = None
+        if self.val_data is not None and ((epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs):
+            summary = evaluate_model(kept, self.val_data, device=str(self.device))
+            record.update({"val_miou": summary["miou"], "val_merged_fraction": summary["merged_fraction"],
+                           "val_per_prefix_miou": {k: v["miou"] for k, v in summary["per_prefix"].items()}})
+        record["seconds"] = round(time.time() - started, 1)
+        self.history.append(record)
+        best = self.best
+        improved = summary is not None and (best is None or "miou" not in best or summary["miou"] > best["miou"])
+        if settings.keep == "last" or improved:
+            self.best = {**(summary or {}), "epoch": epoch + 1}
+            save_checkpoint(kept, settings.out, extra=_provenance(settings, self.train_data, self.val_data,
+                                                                   self.best))
+        validation = f" val mIoU {summary['miou']:.2f} merged {summary['merged_fraction']:.3f}" if summary else ""
+        self.log(f"epoch {epoch + 1}/{settings.epochs} loss {record['loss']:.4f} "
+                 f"cluster {record['cluster_loss']:.4f}{validation} ({record['seconds']:.0f} s, "
+                 f"{record['samples_per_second']:.1f} samples/s)" + ("  *best*" if improved else ""))
+        _save_state(settings.state_path(), self.model, self.optimizer,
+                    {"epoch": epoch, "best": self.best, "history": self.history, "settings": settings.to_dict()},
+                    self.average)
 
 
 TRUNK_PREFIXES = ("backbone.", "decode_head.")

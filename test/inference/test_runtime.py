@@ -55,7 +55,7 @@ def test_controller_converges_to_the_budget_without_oscillating():
         threshold = controller.update(threshold, latency, target_ms=65.0)
         history.append((threshold, latency))
     thresholds = np.array([t for t, _ in history[-50:]])
-    latencies = np.array([l for _, l in history[-50:]])
+    latencies = np.array([latency for _, latency in history[-50:]])
     assert abs(latencies.mean() - 65.0) < 0.06 * 65.0  # holds the budget on average
     assert thresholds.std() < 0.03  # settled, not hunting
     assert np.abs(np.diff(thresholds)).max() <= controller.max_step + 1e-9

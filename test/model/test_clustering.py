@@ -10,7 +10,6 @@ from clustvit_ros.model import ClusterMerging, NoReduction, assign_clusters, pse
 from clustvit_ros.model.heads import upsample_bilinear
 
 from conftest import normalise
-from sync_helpers import HostReads, OpRecorder
 
 VOID = 11
 
@@ -113,18 +112,6 @@ def test_threshold_one_is_the_plain_vit(untrained_model, val_samples):
     torch.testing.assert_close(plain, timm_path, rtol=1e-4, atol=1e-4)
 
 
-def test_batched_path_matches_batch_one(untrained_model, val_samples):
-    images = torch.cat([normalise(rgb) for rgb, _ in val_samples])
-    strategy = ClusterMerging(0.3)  # merges part of the tokens with this untrained head
-    with torch.inference_mode():
-        batched = untrained_model(images, strategy)
-        singles = [untrained_model(images[i:i + 1], strategy) for i in range(len(images))]
-    assert 0 < min(batched.stats.merged_tokens) and max(batched.stats.merged_tokens) < batched.stats.tokens_in
-    for index, single in enumerate(singles):
-        assert single.stats.tokens_after[0] == batched.stats.tokens_after[index]
-        torch.testing.assert_close(batched.logits[index], single.logits[0], rtol=1e-4, atol=1e-4)
-
-
 def test_threshold_is_monotonic_in_merged_tokens(untrained_model, val_samples):
     image = normalise(val_samples[1][0])
     merged = []
@@ -175,13 +162,3 @@ def test_logit_upsampling_is_torch_bilinear(untrained_model, val_samples):
             torch.testing.assert_close(upsample_bilinear(logits, size), expected, rtol=0, atol=1e-5)
 
 
-def test_batch_one_path_has_a_single_host_sync(untrained_model, val_samples):
-    """One read-back (the reduced length) per frame; nothing else that would drain a GPU stream."""
-    image = normalise(val_samples[0][0])
-    with torch.inference_mode():
-        untrained_model(image, ClusterMerging(0.3))  # warm the position-embedding cache
-        with HostReads() as reads, OpRecorder() as recorder:
-            output = untrained_model(image, ClusterMerging(0.3))
-    assert 0 < output.stats.merged_tokens[0] < output.stats.tokens_in
-    assert reads.shapes == [(untrained_model.config.clusters + 1,)]
-    assert recorder.syncing_ops() == []

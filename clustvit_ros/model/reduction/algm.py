@@ -107,6 +107,7 @@ class ALGM(TokenReduction):
 
     name = "algm"
     knob = "tau"
+    host_reads = 2  # the new length after each of its two merges
 
     def __init__(self, tau: float = 0.9):
         self.tau = tau

@@ -145,6 +145,9 @@ class TokenReduction:
 
     name = "none"
     knob: Optional[str] = None  # name of the runtime knob attribute, if any
+    # Values a batch-1 forward reads back to the host (each would drain a GPU stream):
+    # only what a data-dependent sequence length needs.
+    host_reads = 0
 
     def start_block(self, model: SegmentationBackbone) -> int:
         """Index of the first block that runs on the reduced set (depth = never)."""

@@ -53,6 +53,7 @@ class ClusterMerging(TokenReduction):
 
     name = "clustvit"
     knob = "threshold"
+    host_reads = 1  # the reduced length
 
     def __init__(self, threshold: Optional[float] = 0.5,
                  assignment: Optional[torch.Tensor] = None):
@@ -143,10 +144,12 @@ def _restore_single(regenerator: nn.Module, x: torch.Tensor, state: ClusterState
     own = state.tokens_at_injection[:, merged_positions]
     regenerated = regenerator(own, representatives, state.slot.unsqueeze(0))
     # Write both groups straight into the output grid (positions are offset by the class token).
-    out = x.new_empty(1, 1 + order.numel(), x.shape[-1])
+    # Under autocast the regenerator's output is in the autocast dtype, the blocks' in another:
+    # the grid takes the wider of the two, so neither write loses precision.
+    out = x.new_empty(1, 1 + order.numel(), x.shape[-1], dtype=torch.promote_types(x.dtype, regenerated.dtype))
     out[:, 0] = x[:, 0]
-    out[:, 1 + kept_positions] = x[:, 1:1 + num_kept]
-    out[:, 1 + merged_positions] = regenerated
+    out[:, 1 + kept_positions] = x[:, 1:1 + num_kept].to(out.dtype)
+    out[:, 1 + merged_positions] = regenerated.to(out.dtype)
     return out
 
 
