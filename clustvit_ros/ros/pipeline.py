@@ -13,6 +13,7 @@ publishers, ``activate`` subscribes and starts the inference thread,
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import threading
 import time
@@ -34,6 +35,20 @@ from .camera import CameraStream, PendingFrame
 from .image_conversion import FrameError, decode_compressed, decode_image
 from .limits import bounded
 from .parameters import RuntimeSettings, StartupError, StartupSettings, declare_runtime, knob_parameter_name
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS.
+
+    glibc keeps freed memory for reuse (after large frees it also raises its
+    mmap threshold), so without the trim a cleaned-up model still counts in the
+    process's resident memory.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def load_engine(settings: StartupSettings) -> SegmentationEngine:
@@ -130,7 +145,7 @@ class SegmentationPipeline:
         if self.engine is not None:
             self.engine.release()
         self.engine = None
-        gc.collect()
+        release_freed_memory()
 
     def shutdown(self) -> None:
         """From any state: stop what runs, free what is held."""
