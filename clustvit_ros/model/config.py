@@ -95,6 +95,9 @@ class ModelConfig:
     injection_point: int = 4
     head: str = "segmenter"
     head_layers: int = 2
+    # The Segmenter decoder runs on ClustViT's merged sequence and the regenerator restores
+    # its output (instead of the backbone's): merging then saves in the head too.
+    head_on_merged: bool = False
     class_names: list[str] = field(default_factory=lambda: list(CAMVID_CLASSES))
     palette: list[list[int]] = field(default_factory=lambda: [list(c) for c in CAMVID_PALETTE])
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -122,6 +125,9 @@ class ModelConfig:
                f"an integer in 0..{MAX_CLUSTERS} (0 = plain ViT)")
         _check(_is_int(self.injection_point) and 0 <= self.injection_point <= MAX_DEPTH, "injection_point",
                self.injection_point, f"an integer in 0..{MAX_DEPTH}")
+        _check(isinstance(self.head_on_merged, bool) and (not self.head_on_merged or (
+            self.head == "segmenter" and self.clusters > 0)), "head_on_merged", self.head_on_merged,
+            "false, or true for a segmenter head with clusters")
         _check(_is_int(self.head_layers) and 1 <= self.head_layers <= MAX_HEAD_LAYERS, "head_layers",
                self.head_layers, f"an integer in 1..{MAX_HEAD_LAYERS}")
         _check(isinstance(self.class_names, (list, tuple)) and len(self.class_names) == self.num_classes

@@ -1,6 +1,8 @@
 """Segmentation heads that turn a full-resolution token map into class logits."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,9 +40,9 @@ def upsample_bilinear(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     """(B, C, h, w) -> (B, C, H, W), equal to ``F.interpolate(mode="bilinear",
     align_corners=False)`` but as two small matrix products per axis.
 
-    Why: on the CPU the separable form is ~5x faster than the interpolation
-    kernel for a 16x upsample of 11 class maps (about 1 ms instead of 5 at
-    480x640), and that cost is paid on every frame, merged or not.
+    Why: on the CPU the separable form is several times faster than the
+    interpolation kernel for a 16x upsample of a few class maps, and that cost
+    is paid on every frame, merged or not (the model card has the figures).
     """
     height, width = size
     matrices = []
@@ -95,14 +97,31 @@ class SegmenterHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """tokens: (B, N, D) patch tokens -> logits (B, C, h, w) on the patch grid."""
-        batch, num_patches = tokens.shape[:2]
+        return self.masks(*self.decode(tokens), grid)
+
+    def decode(self, tokens: torch.Tensor,
+               key_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer part: (B, L, D) tokens -> their states and the class states, (B, L, D), (B, C, D).
+
+        ``L`` need not be the grid: ClustViT may decode its merged sequence and
+        regenerate the patch states afterwards. ``key_mask`` (B, 1, 1, L) marks
+        real tokens (padded batches).
+        """
+        batch, length = tokens.shape[:2]
         x = self.input_proj(tokens)
         x = torch.cat([x, self.class_embed.expand(batch, -1, -1)], dim=1)
+        mask = None
+        if key_mask is not None:
+            mask = torch.cat([key_mask, key_mask.new_ones(batch, 1, 1, self.num_classes)], dim=-1)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if mask is None else block(x, attn_mask=mask)
         x = self.norm(x)
-        patches = F.normalize(self.patch_proj(x[:, :num_patches]), dim=-1)
-        classes = F.normalize(self.class_proj(x[:, num_patches:]), dim=-1)
+        return x[:, :length], x[:, length:]
+
+    def masks(self, patch_states: torch.Tensor, class_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Per-patch class masks: cosine similarity of projected patch and class states -> (B, C, h, w)."""
+        patches = F.normalize(self.patch_proj(patch_states), dim=-1)
+        classes = F.normalize(self.class_proj(class_states), dim=-1)
         masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, N, C)
         return tokens_to_grid(masks, grid)
 

@@ -127,10 +127,32 @@ class ClustViT(nn.Module):
         padded_h, padded_w = self.padded_size(height, width)
         if (padded_h, padded_w) != (height, width):
             images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
-        features = self.forward_features(images, reduction)
-        logits = self.forward_head(features.tokens, features.grid)
+        strategy = reduction or self.reduction
+        if self._decodes_merged(strategy):
+            logits, stats, cluster_logits = self._forward_merged_head(images, strategy)
+        else:
+            features = self.forward_features(images, strategy)
+            logits, stats, cluster_logits = (self.forward_head(features.tokens, features.grid), features.stats,
+                                             features.cluster_logits)
         logits = upsample_bilinear(logits, (padded_h, padded_w))
-        return Segmentation(logits[..., :height, :width], features.stats, features.cluster_logits)
+        return Segmentation(logits[..., :height, :width], stats, cluster_logits)
+
+    def _decodes_merged(self, strategy: TokenReduction) -> bool:
+        """A model trained with ``head_on_merged`` decodes ClustViT's merged sequence (when it merges)."""
+        return (self.config.head_on_merged and isinstance(strategy, ClusterMerging)
+                and strategy.start_block(self) < self.depth)
+
+    def _forward_merged_head(self, images: torch.Tensor, strategy: ClusterMerging):
+        """The Segmenter decoder on [kept tokens, cluster representatives]; the regenerator then
+        rebuilds every merged position's decoder state, and only the per-token mask product runs
+        on the full grid. Returns (grid logits, stats, cluster logits)."""
+        x, grid = self.embed(images)
+        x, state = run_blocks(self, x, grid, strategy, restore=False)
+        x = self.backbone.norm(x)
+        key_mask = None if state.attn_mask is None else state.attn_mask[..., 1:]  # the class token is not decoded
+        patch_states, class_states = self.decode_head.decode(x[:, 1:], key_mask)
+        full = strategy.restore(self, F.pad(patch_states, (0, 0, 1, 0)), state)[:, 1:]
+        return self.decode_head.masks(full, class_states, grid), state.stats, state.cluster_logits
 
     # -- weights ------------------------------------------------------------------
     def load_backbone(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:

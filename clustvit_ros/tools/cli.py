@@ -60,6 +60,9 @@ def _add_train(commands) -> None:
     train.add_argument("--injection-point", type=int, default=TRAIN.injection_point,
                        help="block before which tokens merge")
     train.add_argument("--head", choices=("segmenter", "linear"), default=TRAIN.head)
+    train.add_argument("--head-on-merged", action="store_true",
+                       help="run the Segmenter decoder on the merged sequence and regenerate its output "
+                            "(merging then saves in the head too)")
     train.add_argument("--epochs", type=_positive, default=TRAIN.epochs)
     train.add_argument("--batch-size", type=_positive, default=TRAIN.batch_size)
     train.add_argument("--lr", type=float, default=TRAIN.lr)

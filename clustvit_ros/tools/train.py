@@ -77,6 +77,8 @@ class TrainSettings:
     clusters: int = ModelConfig.clusters
     injection_point: int = ModelConfig.injection_point
     head: str = ModelConfig.head
+    # The Segmenter decoder on the merged sequence (ModelConfig.head_on_merged).
+    head_on_merged: bool = ModelConfig.head_on_merged
     epochs: int = 80
     batch_size: int = 8
     lr: float = 2e-4
@@ -122,7 +124,8 @@ class TrainSettings:
     # Settings that must not change when a run is resumed.
     IDENTITY = ("data", "init_from", "keep_cluster_module", "distill_from", "arch", "clusters", "injection_point",
                 "head", "batch_size", "input_size", "crop_size", "class_weighting", "seed", "train_split",
-                "train_include", "train_exclude", "train_list", "augment", "rare_class_temperature", "ema_decay")
+                "train_include", "train_exclude", "train_list", "augment", "rare_class_temperature", "ema_decay",
+                "head_on_merged")
 
     def state_path(self) -> Path:
         return training_state_path(self.out)
@@ -438,7 +441,7 @@ def _train(settings: TrainSettings, resume: bool, log: Callable[[str], None], di
 def _build_model(settings: TrainSettings, train_data: SegmentationData, device: torch.device) -> ClustViT:
     config = ModelConfig.for_dataset(
         train_data.class_names, train_data.palette, arch=settings.arch, clusters=settings.clusters,
-        injection_point=settings.injection_point, head=settings.head,
+        injection_point=settings.injection_point, head=settings.head, head_on_merged=settings.head_on_merged,
         input_size=tuple(settings.input_size), ignore_index=train_data.ignore_index)
     model = build_model(config, settings.init_backbone, drop_path_rate=settings.drop_path)
     if settings.init_from is not None:

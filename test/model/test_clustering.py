@@ -162,3 +162,25 @@ def test_logit_upsampling_is_torch_bilinear(untrained_model, val_samples):
             torch.testing.assert_close(upsample_bilinear(logits, size), expected, rtol=0, atol=1e-5)
 
 
+
+
+def test_merged_head_decodes_the_merged_sequence(untrained_model, val_samples):
+    """head_on_merged: the decoder sees [kept, representatives]; merging off is still the plain path."""
+    import copy
+    from clustvit_ros.tools.bench import count_gflops
+    model = copy.deepcopy(untrained_model)
+    model.config = copy.deepcopy(model.config)
+    images = torch.cat([normalise(rgb) for rgb, _ in val_samples[:2]])
+    with torch.inference_mode():
+        standard = model(images[:1], ClusterMerging(0.3))
+        model.config.head_on_merged = True
+        merged = model(images[:1], ClusterMerging(0.3))
+        batched = model(images, ClusterMerging(0.3))
+        assert torch.equal(model(images[:1], ClusterMerging(1.0)).logits, model(images[:1], NoReduction()).logits)
+    assert merged.logits.shape == standard.logits.shape and merged.stats.tokens_after == standard.stats.tokens_after
+    torch.testing.assert_close(batched.logits[:1], merged.logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        merged_gflops = count_gflops(lambda: model(images[:1], ClusterMerging(0.3)))
+        model.config.head_on_merged = False
+        standard_gflops = count_gflops(lambda: model(images[:1], ClusterMerging(0.3)))
+    assert merged_gflops < standard_gflops  # the decoder's work shrinks with the sequence

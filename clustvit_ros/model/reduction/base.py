@@ -176,10 +176,11 @@ class NoReduction(TokenReduction):
 
 
 def run_blocks(model: SegmentationBackbone, x: torch.Tensor, grid: tuple[int, int],
-               reduction: TokenReduction) -> tuple[torch.Tensor, ReductionState]:
+               reduction: TokenReduction, restore: bool = True) -> tuple[torch.Tensor, ReductionState]:
     """Run the backbone blocks on embedded tokens (B, 1+N, D) under a strategy.
 
-    Returns full-resolution tokens (B, 1+N, D) and the state (stats, aux outputs).
+    Returns full-resolution tokens (B, 1+N, D) and the state (stats, aux outputs);
+    with ``restore=False`` the reduced sequence instead, for a head that decodes it.
     """
     blocks = model.backbone.blocks
     start = min(reduction.start_block(model), len(blocks))
@@ -190,4 +191,4 @@ def run_blocks(model: SegmentationBackbone, x: torch.Tensor, grid: tuple[int, in
     x, state = reduction.reduce(model, x, grid)
     for index in range(start, len(blocks)):
         x = reduction.run_block(index, blocks[index], x, state)
-    return reduction.restore(model, x, state), state
+    return (reduction.restore(model, x, state) if restore else x), state
