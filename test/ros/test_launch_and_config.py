@@ -82,8 +82,12 @@ def test_colcon_style_install_layout(tmp_path):
                      "demo/vtest_excerpt.mp4"):
         assert (share / relative).is_file(), relative
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / "clustvit_ros").is_file()
-    for executable in ("segment_node", "image_source", "clustvit"):
+    for executable in ("segment_node", "segment_lifecycle_node", "image_source", "clustvit"):
         assert (prefix / "lib" / "clustvit_ros" / executable).is_file(), executable
+    # Every layer's package is installed (a folder without __init__.py would be left out).
+    installed = {p.relative_to(prefix).parts[-2] for p in prefix.rglob("clustvit_ros/*/__init__.py")}
+    assert {"model", "inference", "ros", "tools"} <= installed, installed
+    assert list(prefix.rglob("clustvit_ros/model/reduction/registry.py"))
     if (REPO / "models" / "clustvit_tiny_camvid.safetensors").is_file():
         assert (share / "models" / "clustvit_tiny_camvid.safetensors").is_file()
 
