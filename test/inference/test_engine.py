@@ -90,3 +90,32 @@ def test_packaged_model_is_found_without_a_sourced_workspace(default_model_file,
     assert packaged_model_path().samefile(default_model_file)
     monkeypatch.setenv("AMENT_PREFIX_PATH", "/nonexistent")
     assert packaged_model_path().samefile(default_model_file)
+
+
+def test_precision_choice(untrained_checkpoint, val_samples):
+    from clustvit_ros.inference.devices import resolve_precision
+    cpu = torch.device("cpu")
+    auto = resolve_precision("auto", cpu)
+    assert auto.name in ("fp32", "bf16") and auto.reason.startswith("auto:")  # decided by a probe, said why
+    assert resolve_precision("fp32", cpu).reason == "requested"
+    for bad, reason in (("fp64", "expected auto, fp32"), ("fp16", "half precision needs a CUDA device")):
+        with pytest.raises(ValueError, match=reason):
+            resolve_precision(bad, cpu)
+    engine = SegmentationEngine.from_checkpoint(untrained_checkpoint, "cpu", precision="bf16")
+    assert engine.dtype == torch.bfloat16 and engine.info().dtype == "bf16"
+    result = engine.segment(val_samples[0][0])
+    assert result.labels.shape == val_samples[0][0].shape[:2]
+
+
+def test_batch_of_frames_and_confidence(untrained_checkpoint, val_samples):
+    engine = SegmentationEngine.from_checkpoint(untrained_checkpoint, "cpu")
+    frames = [rgb for rgb, _ in val_samples[:2]]
+    batch = engine.segment_batch(frames, confidence=True)
+    alone = [engine.segment(frame, confidence=True) for frame in frames]
+    for together, single in zip(batch, alone):
+        assert together.batch_size == 2 and single.batch_size == 1
+        assert (together.labels == single.labels).mean() > 0.999
+        assert together.confidence.shape == together.labels.shape and together.confidence.dtype == np.uint8
+        assert int(together.confidence.min()) >= 255 // 11 - 1  # the winner has at least 1/11
+    with pytest.raises(ValueError, match="one network size"):
+        engine.segment_batch([frames[0], frames[0][:200]])

@@ -289,3 +289,26 @@ def test_retired_qos_parameters_are_refused_with_the_rep2003_way(node_model):
                           {"__node": "clustvit_old_qos"}, name="oldqos")
     assert process.wait(120) == 1
     assert "qos_reliability" in process.log() and "qos_overrides." in process.log()
+
+
+# -- precision and threads ----------------------------------------------------------------------------
+def test_precision_and_threads_are_reported(ros, node_model):
+    from diagnostic_msgs.msg import DiagnosticArray
+    process = NodeProcess("segment_node", {"model_path": node_model, "device": "cpu", "precision": "bf16",
+                                           "num_threads": 1, "diagnostic_period": 0.5},
+                          {"__node": "clustvit_bf16"}, name="bf16")
+    try:
+        ros.listen(DiagnosticArray, "/diagnostics")
+        values = diagnostic_values(_fresh_status(ros, "clustvit_bf16: segmentation", timeout=90))
+        assert values["precision"].startswith("bf16 (requested)") and values["cpu_threads"] == "1"
+        assert values["device"] == "cpu (bf16)"
+    finally:
+        assert process.stop() == 0, process.log()
+
+
+def test_half_is_a_deprecated_alias_and_fp16_needs_cuda(node_model):
+    process = NodeProcess("segment_node", {"model_path": node_model, "device": "cpu", "half": True},
+                          {"__node": "clustvit_half"}, name="half")
+    assert process.wait(120) == 1
+    log = process.log()
+    assert "'half' is deprecated: use precision:=fp16" in log and "half precision needs a CUDA device" in log
