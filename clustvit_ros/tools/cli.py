@@ -81,6 +81,11 @@ def _add_train(commands) -> None:
     train.add_argument("--val-limit", type=int, help="validate on the first N images only")
     train.add_argument("--val-every", type=_positive, default=TRAIN.val_every,
                        help="validate every N epochs (and the last)")
+    _add_train_recipe(train)
+
+
+def _add_train_recipe(train) -> None:
+    """The domain-shift recipe's options: augmentation, sampling, weight averaging, regularisation."""
     train.add_argument("--augment", choices=("basic", "domain-shift"), default=TRAIN.augment,
                        help="photometric augmentation: basic = colour jitter; domain-shift = also hue, gamma, "
                             "blur, noise and JPEG artefacts")

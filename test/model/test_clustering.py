@@ -184,3 +184,18 @@ def test_merged_head_decodes_the_merged_sequence(untrained_model, val_samples):
         model.config.head_on_merged = False
         standard_gflops = count_gflops(lambda: model(images[:1], ClusterMerging(0.3)))
     assert merged_gflops < standard_gflops  # the decoder's work shrinks with the sequence
+
+
+def test_bucketed_batch_one_gives_the_exact_labels(default_model_file, val_samples):
+    """The GPU's fixed-shape path (reduced sequence padded to a bucket, padding masked) = the exact path."""
+    from clustvit_ros.model import load_checkpoint
+    model = load_checkpoint(default_model_file)
+    for rgb, _ in val_samples:
+        image = normalise(rgb)
+        with torch.inference_mode():
+            exact = model(image, ClusterMerging(0.3))
+            for bucket in (16, 64, 128):
+                padded = model(image, ClusterMerging(0.3, bucket=bucket))
+                assert padded.stats.tokens_after == exact.stats.tokens_after
+                assert torch.equal(padded.logits.argmax(1), exact.logits.argmax(1))
+                torch.testing.assert_close(padded.logits, exact.logits, rtol=1e-4, atol=1e-4)

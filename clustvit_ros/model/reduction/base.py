@@ -163,6 +163,14 @@ class TokenReduction:
             return block(x)  # timm's own forward, fused kernels
         return block(x, attn_mask=state.attn_mask)
 
+    def run_reduced(self, model: SegmentationBackbone, start: int, x: torch.Tensor,
+                    state: ReductionState) -> torch.Tensor:
+        """Blocks ``start``.. on the reduced sequence: one ``run_block`` each (a subclass may replay them)."""
+        blocks = model.backbone.blocks
+        for index in range(start, len(blocks)):
+            x = self.run_block(index, blocks[index], x, state)
+        return x
+
     def restore(self, model: SegmentationBackbone, x: torch.Tensor, state: ReductionState) -> torch.Tensor:
         return x
 
@@ -189,6 +197,5 @@ def run_blocks(model: SegmentationBackbone, x: torch.Tensor, grid: tuple[int, in
     if start == len(blocks):
         return x, ReductionState(ReductionStats.unreduced(x.shape[0], x.shape[1] - 1))
     x, state = reduction.reduce(model, x, grid)
-    for index in range(start, len(blocks)):
-        x = reduction.run_block(index, blocks[index], x, state)
+    x = reduction.run_reduced(model, start, x, state)
     return (reduction.restore(model, x, state) if restore else x), state

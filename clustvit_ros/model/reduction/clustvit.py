@@ -39,6 +39,7 @@ class ClusterState(ReductionState):
     # batch-1 path
     order: Optional[torch.Tensor] = None  # (N,) kept tokens first, then clusters 1..k
     num_kept: int = 0
+    num_representatives: int = 0
     slot: Optional[torch.Tensor] = None  # (M,) representative index of each merged token
     # batched path
     keep_index: Optional[torch.Tensor] = None  # (B, max_kept)
@@ -49,6 +50,11 @@ class ClusterMerging(TokenReduction):
 
     ``assignment`` (B, N) overrides the learned decision (oracle clusters from
     ground truth, used to benchmark the speed path before any training).
+
+    ``bucket``: batch 1 pads the reduced sequence up to a multiple of this length
+    and masks the padding as keys, so a GPU sees a few fixed shapes (each can be
+    captured once as a CUDA graph) instead of a new one per frame. The labels are
+    those of the exact path.
     """
 
     name = "clustvit"
@@ -56,9 +62,10 @@ class ClusterMerging(TokenReduction):
     host_reads = 1  # the reduced length
 
     def __init__(self, threshold: Optional[float] = 0.5,
-                 assignment: Optional[torch.Tensor] = None):
+                 assignment: Optional[torch.Tensor] = None, bucket: Optional[int] = None):
         self.threshold = threshold
         self.assignment = assignment
+        self.bucket = bucket
 
     def start_block(self, model: SegmentationBackbone) -> int:
         if model.cluster_head is None:
@@ -87,6 +94,8 @@ class ClusterMerging(TokenReduction):
         clusters = model.config.clusters
         if x.shape[0] == 1:
             x_reduced, state = _reduce_single(x, assignment[0], clusters)
+            if self.bucket:
+                x_reduced, state.attn_mask = pad_to_bucket(x_reduced, self.bucket)
         else:
             x_reduced, state = _reduce_batched(x, assignment, clusters)
         state.cluster_logits = logits
@@ -133,14 +142,24 @@ def _reduce_single(x: torch.Tensor, assignment: torch.Tensor,
     slot = rank_among_nonempty[assignment[order[num_kept:]] - 1]
     stats = ReductionStats(num_tokens, [num_kept + num_nonempty], [num_tokens - num_kept],
                            [counts_host[1:]])
-    state = ClusterState(stats=stats, order=order, num_kept=num_kept, slot=slot)
+    state = ClusterState(stats=stats, order=order, num_kept=num_kept, num_representatives=num_nonempty, slot=slot)
     return x_reduced, state
+
+
+def pad_to_bucket(x: torch.Tensor, bucket: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(1, L, D) -> (1, L', D) with L' the next multiple of ``bucket``, and the key mask (True = real)."""
+    length = x.shape[1]
+    padded = -(-length // bucket) * bucket
+    if padded == length:
+        return x, None
+    mask = torch.arange(padded, device=x.device) < length
+    return torch.nn.functional.pad(x, (0, 0, 0, padded - length)), mask.view(1, 1, 1, padded)
 
 
 def _restore_single(regenerator: nn.Module, x: torch.Tensor, state: ClusterState) -> torch.Tensor:
     num_kept, order = state.num_kept, state.order
     kept_positions, merged_positions = order[:num_kept], order[num_kept:]
-    representatives = x[:, 1 + num_kept:]
+    representatives = x[:, 1 + num_kept:1 + num_kept + state.num_representatives]  # not the bucket's padding
     own = state.tokens_at_injection[:, merged_positions]
     regenerated = regenerator(own, representatives, state.slot.unsqueeze(0))
     # Write both groups straight into the output grid (positions are offset by the class token).
