@@ -65,7 +65,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 
 def cpu_bf16_speedup(rounds: int = 3, repeats: int = 10) -> float:
-    """fp32 time / bf16 time of a ViT-Ti-sized linear layer on this CPU (a ~50 ms probe).
+    """fp32 time / bf16 time of a ViT-Ti-sized linear layer on this CPU (a short start-up probe).
 
     CPUs with native bf16 matrix units (AVX512-BF16, AMX) run it several times
     faster; without them bf16 is emulated and slower. Interleaved, best of rounds.

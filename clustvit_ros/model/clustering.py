@@ -47,7 +47,7 @@ class Regenerator(nn.Module):
         d = self.embed_dim
         own_part = F.linear(own, self.fc1.weight[:, :d])
         rep_part = F.linear(representatives, self.fc1.weight[:, d:], self.fc1.bias)
-        if rep_part.shape[0] == 1:  # batch 1 (the robot's case): a row lookup, ~2x cheaper than gather
+        if rep_part.shape[0] == 1:  # batch 1 (the robot's case): a row lookup, cheaper than gather
             rep_part = rep_part[0].index_select(0, slot[0]).unsqueeze(0)
         else:
             rep_part = rep_part.gather(1, slot.unsqueeze(-1).expand(-1, -1, d))

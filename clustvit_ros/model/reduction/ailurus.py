@@ -26,9 +26,9 @@ Prediction" (NeurIPS 2023), training-free, on our backbone:
    by the FLOP counter) plus gathers over the N x 24 window entries.
 3. Every other token joins its nearest anchor in feature space (the paper's
    "merge other tokens into their closest representative token"). Preferring
-   the anchors inside a token's window instead cost 3 mIoU at ratio 0.1 (21
-   CamVid val frames, a ClustViT-Ti checkpoint mid-training): a token at a
-   region border joined a nearby anchor of other content. So the spatial
+   the anchors inside a token's window instead cost accuracy (figures in
+   models/README.md): a token at a region border joined a nearby anchor of
+   other content. So the spatial
    awareness lives in the anchor choice only. The paper may also keep some
    tokens unmerged at full resolution, which makes the length data dependent;
    we keep exactly M tokens (a static length: batch 1 needs no host

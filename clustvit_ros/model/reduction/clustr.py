@@ -15,8 +15,8 @@ on our backbone:
 - k-means: deterministic init from a strided subset of the patch tokens
   (token floor((m + 1/2) N / M) for m = 0..M-1, spread over the raster grid),
   then ``iterations`` assignment steps with a centre update between them
-  (default 2: a third step changed CamVid val mIoU by <= 0.2 at M = 16..128,
-  for half again the clustering cost); an empty cluster keeps its previous
+  (default 2: a third step gained no accuracy worth half again the clustering
+  cost, models/README.md); an empty cluster keeps its previous
   centre. Distances are matmuls (||c||^2 - 2 k.c).
 - Attention: every query attends to [class key, M cluster keys] with a
   log(cluster size) bias, so a cluster counts as all its members
