@@ -98,7 +98,6 @@ class SegmentationPipeline:
         self._runtime_declared = False
         self._last_handled = time.monotonic()
         self._busy_since: Optional[float] = None
-        self._worker_restarts = 0
         self.threads = set_cpu_threads(settings.num_threads)
         self.reporter = diagnostics.PipelineReporter(self, node.create_publisher(DiagnosticArray, "/diagnostics", 10))
         self.timer = node.create_timer(settings.diagnostic_period, self.publish_diagnostics)
