@@ -45,23 +45,43 @@ def _console_scripts() -> set[str]:
     raise AssertionError("no console_scripts in setup.py")
 
 
+def _dict_calls(path: Path) -> list[ast.Call]:
+    return _calls(path, "dict")
+
+
 def test_launch_files_start_our_executables():
     scripts = _console_scripts()
     for path in (SEGMENT_LAUNCH, DEMO_LAUNCH):
         compile(path.read_text(), str(path), "exec")
-        for call in _calls(path, "Node"):
-            assert _keyword(call, "package") == "clustvit_ros"
+        # Keyword arguments shared by both node kinds live in a dict(...) passed as **common.
+        shared = {keyword.arg: keyword.value for call in _dict_calls(path) for keyword in call.keywords}
+        nodes = _calls(path, "Node") + _calls(path, "LifecycleNode")
+        assert nodes, path
+        for call in nodes:
+            package = _keyword(call, "package")
+            if package is None and "package" in shared:
+                package = ast.literal_eval(shared["package"])
+            assert package == "clustvit_ros", path
             assert _keyword(call, "executable") in scripts, path
+    executables = {_keyword(call, "executable") for call in _calls(SEGMENT_LAUNCH, "Node")
+                   + _calls(SEGMENT_LAUNCH, "LifecycleNode")}
+    assert executables == {"segment_node", "segment_lifecycle_node"}
 
 
 def test_segment_launch_arguments_are_the_contract():
     names = {ast.literal_eval(call.args[0]) for call in _calls(SEGMENT_LAUNCH, "DeclareLaunchArgument")}
-    assert names == {"image_topic", "namespace", "params_file", "model_path", "device", "input_transport"}
+    assert names == {"image_topic", "namespace", "params_file", "model_path", "device", "input_transport",
+                     "precision", "lifecycle", "autostart"}
     demo_names = {ast.literal_eval(call.args[0]) for call in _calls(DEMO_LAUNCH, "DeclareLaunchArgument")}
-    assert demo_names == {"source", "rate", "loop", "model_path", "device"}
+    assert demo_names == {"source", "rate", "loop", "image_topic", "model_path", "device"}
     source = SEGMENT_LAUNCH.read_text()
     assert '("image", LaunchConfiguration("image_topic"))' in source  # the remap
     assert '"config",' in source and '"segment.yaml"' in source  # default params_file
+    # Every per-run override the launch file forwards is a real node parameter in the file.
+    overrides = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+                     and getattr(node.targets[0], "id", None) == "OVERRIDES")
+    in_file = yaml.safe_load(PARAMS.read_text())["/**"]["ros__parameters"]
+    assert set(ast.literal_eval(overrides.value)) <= set(in_file)
     demo = DEMO_LAUNCH.read_text()
     assert '"segment.launch.py"' in demo and '"vtest_excerpt.mp4"' in demo
     assert (REPO / "demo" / "vtest_excerpt.mp4").is_file()
