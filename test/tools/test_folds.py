@@ -1,0 +1,41 @@
+"""Leave-one-drive-out summary: mean over folds and the threshold choice, from bench sweep files."""
+import json
+
+import pytest
+
+from clustvit_ros.tools import folds
+
+
+def _sweep(tmp_path, name, points):
+    rows = [{"merge_threshold": t, "miou": m, "merged_fraction": f, "gflops": g, "latency_ratio": r}
+            for t, m, f, g, r in points]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"sweep": rows, "latency_ratio": 1.0}))
+    return path
+
+
+def test_threshold_is_the_most_merging_within_the_cost(tmp_path, capsys):
+    a = _sweep(tmp_path, "a", [(0.0, 30.0, 1.0, 14.0, 2.0), (0.3, 44.0, 0.6, 18.0, 1.6),
+                               (0.5, 45.0, 0.4, 22.0, 1.3), (1.0, 45.2, 0.0, 31.0, 1.0)])
+    b = _sweep(tmp_path, "b", [(0.0, 40.0, 1.0, 14.0, 2.0), (0.3, 60.2, 0.7, 17.0, 1.7),
+                               (0.5, 60.5, 0.5, 20.0, 1.4), (1.0, 60.4, 0.0, 31.0, 1.0), (0.7, 60.0, 0.2, 28.0, 1.1)])
+    rows = folds.mean_over_folds([folds.read_sweep(a), folds.read_sweep(b)])
+    assert [row["merge_threshold"] for row in rows] == [0.0, 0.3, 0.5, 1.0]  # only points both folds measured
+    assert rows[1]["miou"] == pytest.approx(52.1) and rows[1]["miou_per_fold"] == [44.0, 60.2]
+    assert rows[1]["gflops_ratio"] == pytest.approx((31 / 18 + 31 / 17) / 2)
+    # off: 52.8; 0.3 (52.1) is within 0.75 but not within 0.5; 0.5 (52.75) is within both
+    assert folds.choose_threshold(rows, 0.5) == 0.5
+    assert folds.choose_threshold(rows, 0.75) == 0.3
+    assert folds.choose_threshold(rows, 0.0) is None  # nothing merges for free here
+    assert folds.main([str(a), str(b), "--max-cost", "0.75"]) == 0
+    assert "chosen default threshold (<= 0.75 mIoU below merging off): 0.3" in capsys.readouterr().out
+
+
+def test_bad_sweep_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"latency_ratio": 1.0}')
+    assert folds.main([str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    no_off = _sweep(tmp_path, "no_off", [(0.3, 44.0, 0.6, 18.0, 1.6)])
+    assert folds.main([str(no_off)]) == 2
+    assert "threshold 1" in capsys.readouterr().err
