@@ -318,7 +318,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as exc:
+    except CheckpointError as exc:  # a bad model file: exit 1, as the node does
+        print(f"clustvit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (DatasetError, ValueError, FileNotFoundError) as exc:  # other user mistakes (data, options)
         print(f"clustvit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -79,3 +79,23 @@ def test_json_stays_valid_when_nothing_can_be_scored(tmp_path, camvid, untrained
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # strict JSON: NaN would not parse in most readers
     assert report["miou"] is None and "NaN" not in result.stdout
+
+
+@pytest.mark.parametrize("field, value", [("clusters", 10 ** 9), ("std", [0, 0, 0]), ("input_size", "ab")])
+def test_crafted_model_file_is_one_line_naming_file_and_field_exit_1(tmp_path, camvid, untrained_checkpoint,
+                                                                     field, value):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(untrained_checkpoint), framework="pt") as handle:
+        metadata = handle.metadata()
+    config = json.loads(metadata["config"])
+    config[field] = value
+    crafted = tmp_path / f"crafted_{field}.safetensors"
+    save_file(load_file(str(untrained_checkpoint)), str(crafted), metadata={**metadata, "config": json.dumps(config)})
+    for command in (["eval", "--split", "val", "--limit", "1"], ["bench", "--split", "val", "--limit", "1"]):
+        result = clustvit(command[0], "--model", crafted, "--data", camvid, *command[1:], "--device", "cpu",
+                          check=False)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1, result.stderr
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert str(crafted) in lines[0] and f"field '{field}'" in lines[0], lines[0]

@@ -1,0 +1,110 @@
+"""The engine end to end (``SegmentationEngine.segment``: pre-processing, network, labels at the
+camera's size), batch 1: the strategy at its knob against merging off on the same weights,
+interleaved, on labelled frames (e.g. of a drive the model did not train on); then the labels of
+another precision against fp32 (agreement) on a few of them.
+
+    python -m clustvit_ros.tools.engine_bench --model runs/fold_0006R0.safetensors \\
+        --data ../shared/datasets/camvid --split train,val --include '0006R0_*' --knob 0.3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..inference.engine import SegmentationEngine
+from ..inference.packaged import packaged_model_path
+from .data import DatasetError, open_dataset
+
+
+def _time_ms(engine: SegmentationEngine, image: np.ndarray) -> float:
+    start = time.perf_counter()
+    engine.segment(image)
+    return 1000.0 * (time.perf_counter() - start)
+
+
+def end_to_end(engine: SegmentationEngine, images: list[np.ndarray], knob: float, rounds: int) -> dict:
+    """Median and p95 of the strategy at ``knob`` and of merging off, interleaved frame by frame."""
+    if engine.knob is None:
+        raise ValueError("the model's strategy has no knob to compare against merging off")
+    off = engine.knob.noop  # the plain ViT on the same weights
+    times: dict[str, list[float]] = {"merged": [], "off": []}
+    for image in images[:2]:  # warm-up
+        for value in (knob, off):
+            engine.knob_value = value
+            engine.segment(image)
+    for _ in range(rounds):
+        for image in images:
+            for arm, value in (("merged", knob), ("off", off)):
+                engine.knob_value = value
+                times[arm].append(_time_ms(engine, image))
+    median = {arm: float(np.median(values)) for arm, values in times.items()}
+    return {"knob": knob, "knob_off": off, "frames": len(images), "rounds": rounds,
+            "median_ms": median, "p95_ms": {arm: float(np.percentile(v, 95)) for arm, v in times.items()},
+            "end_to_end_speedup": median["off"] / median["merged"]}
+
+
+def label_agreement(reference: SegmentationEngine, other: SegmentationEngine, images: list[np.ndarray],
+                    knob: float) -> dict:
+    """Share of pixels whose label ``other`` gives as ``reference`` does (merging decided in each)."""
+    same = total = 0
+    times: dict[str, list[float]] = {"reference": [], "other": []}
+    for engine in (reference, other):
+        engine.knob_value = knob
+    for image in images:
+        start = time.perf_counter()
+        a = reference.segment(image).labels
+        times["reference"].append(1000.0 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        b = other.segment(image).labels
+        times["other"].append(1000.0 * (time.perf_counter() - start))
+        same += int((a == b).sum())
+        total += a.size
+    return {"precision": other.precision.name, "label_agreement": same / max(total, 1), "frames": len(images),
+            "median_ms_fp32": float(np.median(times["reference"])),
+            "median_ms_other": float(np.median(times["other"]))}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clustvit_ros.tools.engine_bench",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: the packaged model)")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--include", action="append", default=[], metavar="PATTERN")
+    parser.add_argument("--knob", type=float, default=None, help="the strategy's knob (default: the model's)")
+    parser.add_argument("--frames", type=int, default=20, help="frames, spread over the selection")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's choice)")
+    parser.add_argument("--compare-precision", default="bf16", help="precision checked against fp32 ('' = skip)")
+    parser.add_argument("--agreement-frames", type=int, default=6)
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        model = args.model or str(packaged_model_path())
+        data = open_dataset(args.data, args.split, include=args.include)
+        if len(data) == 0:
+            raise DatasetError(f"{args.data}: no frames match")
+        step = max(1, len(data) // args.frames)
+        images = [data.load(index)[0] for index in range(0, len(data), step)][:args.frames]
+        engine = SegmentationEngine.from_checkpoint(model, device="cpu", precision="fp32")
+        knob = engine.knob_value if args.knob is None else args.knob
+        report = {"model": model, "threads": torch.get_num_threads(), **end_to_end(engine, images, knob, args.rounds)}
+        if args.compare_precision:
+            other = SegmentationEngine.from_checkpoint(model, device="cpu", precision=args.compare_precision)
+            report["precision_check"] = label_agreement(engine, other, images[:args.agreement_frames], knob)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"engine_bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
