@@ -11,21 +11,14 @@
 # an interruption.
 #   SHARED=../shared DEVICE=cpu OUT=models/clustvit_tiny_camvid.safetensors scripts/reproduce_default_model.sh
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup_venv.sh"
-cd "$root"
-shared="${SHARED:-../shared}"
-device="${DEVICE:-auto}"
+source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 out="${OUT:-models/clustvit_tiny_camvid.safetensors}"
 stage1="runs/k3_ip4.safetensors"
 plain="runs/plain.safetensors"
 run="runs/stage2.safetensors"
 threshold=0.27          # the most merging with val mIoU >= 67 (models/README.md)
 inference_size=(480 640)  # 360x480 camera frames are upscaled: thin classes gain most
-clustvit=".venv/bin/clustvit"
 
-backbone="$shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-mkdir -p runs
 if [ ! -f runs/k3_ip4.done ]; then
   "$clustvit" train --data "$shared/datasets/camvid" --out "$stage1" --device "$device" \
     --init-backbone "$backbone" --clusters 3 --injection-point 4 --head segmenter --epochs 80 --resume

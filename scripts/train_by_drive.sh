@@ -7,18 +7,11 @@
 # Resumable: run it again after an interruption. On a GPU: DEVICE=cuda (torchrun for several).
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FOLDS="0006R0 0001TP 0016E5" scripts/train_by_drive.sh
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup_venv.sh"
-cd "$root"
-shared="${SHARED:-../shared}"
-device="${DEVICE:-auto}"
+source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
 folds=(${FOLDS:-0006R0 0001TP 0016E5})
 max_cost="${MAX_COST:-0.5}"
 out="${OUT:-runs/by_drive/clustvit_tiny_camvid_all_drives.safetensors}"
-data="$shared/datasets/camvid"
-backbone="$shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-clustvit=".venv/bin/clustvit"
 recipe=(--input-size 480 640 --crop-size 352 480 --scale-range 0.5 1.5 --augment domain-shift
         --rare-class-temperature 0.1 --ema-decay 0.998 --epochs "$epochs" --keep last --device "$device"
         --init-backbone "$backbone" --resume)
