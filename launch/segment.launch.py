@@ -18,8 +18,13 @@ from launch_ros.events.lifecycle import ChangeState
 from launch_ros.substitutions import FindPackageShare
 from lifecycle_msgs.msg import Transition
 
-# Launch arguments that, when given, override the parameter file.
-OVERRIDES = ("model_path", "device", "input_transport", "precision")
+# Launch arguments that, when given, override the parameter file: name -> what an empty value means.
+OVERRIDES = {
+    "model_path": "checkpoint; empty = params_file's (the packaged default model)",
+    "device": "auto | cpu | cuda | cuda:N; empty = params_file's (auto)",
+    "input_transport": "raw | compressed; empty = params_file's (raw)",
+    "precision": "auto | fp32 | bf16 | fp16; empty = params_file's (auto)",
+}
 
 
 class NodeFailed(RuntimeError):
@@ -79,14 +84,8 @@ def generate_launch_description():
                               default_value=PathJoinSubstitution([FindPackageShare("clustvit_ros"), "config",
                                                                   "segment.yaml"]),
                               description="parameter file (every default is in config/segment.yaml)"),
-        DeclareLaunchArgument("model_path", default_value="",
-                              description="checkpoint; empty = params_file's (the packaged default model)"),
-        DeclareLaunchArgument("device", default_value="",
-                              description="auto | cpu | cuda | cuda:N; empty = params_file's (auto)"),
-        DeclareLaunchArgument("input_transport", default_value="",
-                              description="raw | compressed; empty = params_file's (raw)"),
-        DeclareLaunchArgument("precision", default_value="",
-                              description="auto | fp32 | bf16 | fp16; empty = params_file's (auto)"),
+        *[DeclareLaunchArgument(name, default_value="", description=description)
+          for name, description in OVERRIDES.items()],
         DeclareLaunchArgument("lifecycle", default_value="false",
                               description="true: the managed node segment_lifecycle_node (configure, activate ...)"),
         DeclareLaunchArgument("autostart", default_value="true",

@@ -68,20 +68,28 @@ def test_launch_files_start_our_executables():
     assert executables == {"segment_node", "segment_lifecycle_node"}
 
 
+def _overrides(source: str) -> dict:
+    """segment.launch.py's OVERRIDES: the arguments that override the parameter file, declared from it."""
+    assignment = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+                      and getattr(node.targets[0], "id", None) == "OVERRIDES")
+    return ast.literal_eval(assignment.value)
+
+
 def test_segment_launch_arguments_are_the_contract():
-    names = {ast.literal_eval(call.args[0]) for call in _calls(SEGMENT_LAUNCH, "DeclareLaunchArgument")}
+    source = SEGMENT_LAUNCH.read_text()
+    calls = _calls(SEGMENT_LAUNCH, "DeclareLaunchArgument")
+    names = {ast.literal_eval(call.args[0]) for call in calls if isinstance(call.args[0], ast.Constant)}
+    assert "for name, description in OVERRIDES.items()" in source  # the overrides are declared from OVERRIDES
+    names |= set(_overrides(source))
     assert names == {"image_topic", "namespace", "params_file", "model_path", "device", "input_transport",
                      "precision", "lifecycle", "autostart"}
     demo_names = {ast.literal_eval(call.args[0]) for call in _calls(DEMO_LAUNCH, "DeclareLaunchArgument")}
     assert demo_names == {"source", "rate", "loop", "image_topic", "model_path", "device"}
-    source = SEGMENT_LAUNCH.read_text()
     assert '("image", LaunchConfiguration("image_topic"))' in source  # the remap
     assert '"config",' in source and '"segment.yaml"' in source  # default params_file
     # Every per-run override the launch file forwards is a real node parameter in the file.
-    overrides = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
-                     and getattr(node.targets[0], "id", None) == "OVERRIDES")
     in_file = yaml.safe_load(PARAMS.read_text())["/**"]["ros__parameters"]
-    assert set(ast.literal_eval(overrides.value)) <= set(in_file)
+    assert set(_overrides(source)) <= set(in_file)
     demo = DEMO_LAUNCH.read_text()
     assert '"segment.launch.py"' in demo and '"vtest_excerpt.mp4"' in demo
     assert (REPO / "demo" / "vtest_excerpt.mp4").is_file()
