@@ -22,10 +22,11 @@ from ..inference.packaged import packaged_model_path
 from .data import DatasetError, open_dataset
 
 
-def _time_ms(engine: SegmentationEngine, image: np.ndarray) -> float:
+def _timed(engine: SegmentationEngine, image: np.ndarray) -> tuple[np.ndarray, float]:
+    """The frame's labels and the milliseconds ``segment`` took."""
     start = time.perf_counter()
-    engine.segment(image)
-    return 1000.0 * (time.perf_counter() - start)
+    labels = engine.segment(image).labels
+    return labels, 1000.0 * (time.perf_counter() - start)
 
 
 def end_to_end(engine: SegmentationEngine, images: list[np.ndarray], knob: float, rounds: int) -> dict:
@@ -42,7 +43,7 @@ def end_to_end(engine: SegmentationEngine, images: list[np.ndarray], knob: float
         for image in images:
             for arm, value in (("merged", knob), ("off", off)):
                 engine.knob_value = value
-                times[arm].append(_time_ms(engine, image))
+                times[arm].append(_timed(engine, image)[1])
     median = {arm: float(np.median(values)) for arm, values in times.items()}
     return {"knob": knob, "knob_off": off, "frames": len(images), "rounds": rounds,
             "median_ms": median, "p95_ms": {arm: float(np.percentile(v, 95)) for arm, v in times.items()},
@@ -57,14 +58,12 @@ def label_agreement(reference: SegmentationEngine, other: SegmentationEngine, im
     for engine in (reference, other):
         engine.knob_value = knob
     for image in images:
-        start = time.perf_counter()
-        a = reference.segment(image).labels
-        times["reference"].append(1000.0 * (time.perf_counter() - start))
-        start = time.perf_counter()
-        b = other.segment(image).labels
-        times["other"].append(1000.0 * (time.perf_counter() - start))
-        same += int((a == b).sum())
-        total += a.size
+        expected, reference_ms = _timed(reference, image)
+        labels, other_ms = _timed(other, image)
+        times["reference"].append(reference_ms)
+        times["other"].append(other_ms)
+        same += int((labels == expected).sum())
+        total += expected.size
     return {"precision": other.precision.name, "label_agreement": same / max(total, 1), "frames": len(images),
             "median_ms_fp32": float(np.median(times["reference"])),
             "median_ms_other": float(np.median(times["other"]))}
