@@ -95,8 +95,8 @@ def test_lifecycle_transitions_topics_and_memory(ros, node_model, street_frames)
         idle_mb = _rss_mb(process.process.pid, "RssAnon")
         assert camera.get_subscription_count() == 0  # nothing subscribed before activation
         frame = image_message(cv2.resize(street_frames[0], (160, 120)), stamp_ns=1 * 10 ** 9)
-        configured = []
-        for cycle in range(2):
+        cleaned = []
+        for cycle in range(3):
             assert lifecycle.transition(Transition.TRANSITION_CONFIGURE) and lifecycle.state() == "inactive"
             loaded_mb = _rss_mb(process.process.pid, "RssAnon")
             assert loaded_mb > idle_mb + 10, (idle_mb, loaded_mb)  # the model is in memory now
@@ -115,8 +115,11 @@ def test_lifecycle_transitions_topics_and_memory(ros, node_model, street_frames)
                   f" after cleanup {cleaned_mb:.0f} MB (total RSS {_rss_mb(process.process.pid):.0f} MB)")
             # The fp32 weights alone are 23 MB; glibc keeps some freed pages, so ask for 20 MB back.
             assert cleaned_mb < loaded_mb - 20, (loaded_mb, cleaned_mb)
-            configured.append(loaded_mb)
-        assert configured[1] < configured[0] + 10, configured  # nothing piles up from cycle to cycle
+            cleaned.append(cleaned_mb)
+        # Nothing piles up from cycle to cycle: a model left behind would add its 23 MB each time. The
+        # first cycle's inference leaves allocator arenas that later cycles reuse, and the RSS while
+        # configured wanders by ~20 MB with page reuse, so compare after cleanup, once warmed up.
+        assert cleaned[2] < cleaned[1] + 10, cleaned
         assert lifecycle.transition(Transition.TRANSITION_CONFIGURE)
         assert lifecycle.transition(Transition.TRANSITION_INACTIVE_SHUTDOWN) and lifecycle.state() == "finalized"
     finally:
