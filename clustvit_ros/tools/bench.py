@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from .data import open_dataset, to_tensor
+from .unlabelled import open_unlabelled
 from ..inference.devices import resolve_device, resolve_precision
 from ..inference.engine import class_indices, inference_shape
 from .metrics import ConfusionMatrix
@@ -64,6 +65,7 @@ class BenchSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     frame_list: Optional[str] = None
+    unlabelled: bool = False  # data is a folder of images or a video: speed and merging only
 
 
 @dataclass
@@ -84,6 +86,9 @@ class Sample:
 
 
 def _frames(settings: BenchSettings):
+    if settings.unlabelled:
+        return open_unlabelled(settings.data, settings.include, settings.exclude, settings.frame_list,
+                               max_frames=settings.limit)  # a video's frames spread over all of it
     return open_dataset(settings.data, settings.split, settings.void_label, settings.include, settings.exclude,
                         settings.frame_list)
 
@@ -254,6 +259,10 @@ def measure_setting(model: ClustViT, make: Callable[[Sample], TokenReduction], l
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.unlabelled and (settings.sweep or settings.sweep_threshold or settings.strategy == "all"
+                                or settings.oracle_clusters):
+        raise ValueError("--unlabelled measures speed and merging at one setting: sweeps, --strategy all "
+                         "and --oracle-clusters need labels")
     device = resolve_device(settings.device)
     data_info = _frames(settings)
     model = _load_model(settings, len(data_info.class_names), data_info.class_names, data_info.palette,
@@ -324,6 +333,7 @@ def merged_vs_unmerged(model: ClustViT, name: str, knob: Optional[float], sample
         "input_size": list(samples[0].image.shape[-2:]),
         "strategy": described,
         "oracle_clusters": settings.oracle_clusters,
+        "unlabelled": settings.unlabelled,
         "merge_threshold": described.get("threshold"),
         "model": settings.model or "untrained ClustViT (backbone from shared weights)",
         "torch_threads": torch.get_num_threads(),

@@ -166,6 +166,9 @@ def _add_bench(commands) -> None:
     bench.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
     bench.add_argument("--list", dest="frame_list", help="text file naming the frames (one per line)")
     bench.add_argument("--void-label", type=int)
+    bench.add_argument("--unlabelled", action="store_true",
+                       help="DATA is a folder of images or a video without labels (e.g. the robot's own "
+                            "footage): speed and merging there, no mIoU")
     bench.add_argument("--json", action="store_true")
 
 
