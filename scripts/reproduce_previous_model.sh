@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces models/clustvit_tiny_camvid.safetensors on CamVid train, from the offline
-# ViT-Ti weights, in three runs:
+# Reproduces the packaged model of before 2026-12-01 (trained on CamVid train, selected on val;
+# models/README.md, "The previous packaged file") from the offline ViT-Ti weights, in three runs.
+# The current packaged file comes from scripts/train_by_drive.sh.
 #   1. ClustViT-Ti (k=3, ip=4, Segmenter head), 80 epochs;
 #   2. the plain ViT-Ti + Segmenter (no merging), 80 epochs: the accuracy baseline and
 #      the teacher of stage 3;
@@ -9,10 +10,10 @@
 # then exports stage 3 in fp16 with the chosen inference size and merge threshold, its
 # val figures at those settings stored in the metadata. Resumable: run it again after
 # an interruption.
-#   SHARED=../shared DEVICE=cpu OUT=models/clustvit_tiny_camvid.safetensors scripts/reproduce_default_model.sh
+#   SHARED=../shared DEVICE=cpu OUT=runs/previous_model.safetensors scripts/reproduce_previous_model.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
-out="${OUT:-models/clustvit_tiny_camvid.safetensors}"
+out="${OUT:-runs/previous_model.safetensors}"
 stage1="runs/k3_ip4.safetensors"
 plain="runs/plain.safetensors"
 run="runs/stage2.safetensors"
