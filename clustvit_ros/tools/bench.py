@@ -126,8 +126,10 @@ def _resize(rgb: np.ndarray, mask: np.ndarray, shape: tuple[int, int]) -> tuple[
             cv2.resize(mask.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST).astype(np.int64))
 
 
-def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dtype) -> list[Sample]:
-    data = _frames(settings).subset(settings.limit)
+def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dtype,
+             data=None) -> list[Sample]:
+    """The frames as network inputs; ``data`` is the already opened selection (a video decodes once)."""
+    data = (data if data is not None else _frames(settings)).subset(settings.limit)
     samples = []
     for index in range(len(data)):
         rgb, mask = data.load(index)
@@ -270,7 +272,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     precision = resolve_precision(settings.precision, device)
     dtype = precision.dtype
     model = model.to(device, dtype)
-    samples = _prepare(settings, model, device, dtype)
+    samples = _prepare(settings, model, device, dtype, data_info)
     timer = Timer(device)
     if settings.strategy == "all":
         return compare_strategies(model, samples, settings, timer, data_info, device, log)

@@ -31,20 +31,16 @@ from ..inference.engine import inference_shape
 from ..inference.packaged import demo_video_path, packaged_model_path
 from ..model import ClusterMerging, NoReduction, load_checkpoint
 from ..tools.data import to_tensor
+from .unlabelled import read_video
 
 
 def video_frames(path: Path, count: int, stride: int = 10) -> list[np.ndarray]:
     """Every ``stride``-th RGB frame of a video."""
     capture = cv2.VideoCapture(str(path))
-    frames, index = [], 0
-    while len(frames) < count:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        if index % stride == 0:
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        index += 1
-    capture.release()
+    try:
+        frames = read_video(capture, count, stride)[1]
+    finally:
+        capture.release()
     if not frames:
         raise SystemExit(f"{path}: no frames")
     return frames

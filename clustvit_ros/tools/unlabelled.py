@@ -38,7 +38,12 @@ class UnlabelledFrames(SegmentationData):
     def subset(self, limit: Optional[int]) -> "UnlabelledFrames":
         if limit is None or limit >= len(self):
             return self
-        return UnlabelledFrames(self.root, self.images[:limit], None if self.decoded is None else self.decoded[:limit])
+        return self.select(range(limit))
+
+    def select(self, indices) -> "UnlabelledFrames":
+        indices = list(indices)
+        return UnlabelledFrames(self.root, [self.images[i] for i in indices],
+                                None if self.decoded is None else [self.decoded[i] for i in indices])
 
 
 def open_unlabelled(source: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
@@ -67,8 +72,7 @@ def open_unlabelled(source: str | Path, include: Sequence[str] = (), exclude: Se
     if not keep:
         raise DatasetError(f"{source}: no frames match the frame selection (include {list(include)}, "
                            f"exclude {list(exclude)}, list {frame_list})")
-    return UnlabelledFrames(source, [frames.images[i] for i in keep],
-                            None if frames.decoded is None else [frames.decoded[i] for i in keep])
+    return frames.select(keep)
 
 
 def _decode_video(path: Path, max_frames: int) -> UnlabelledFrames:
@@ -82,17 +86,24 @@ def _decode_video(path: Path, max_frames: int) -> UnlabelledFrames:
         wanted = max(1, min(max_frames, MAX_DECODED_BYTES // max(1, 3 * width * height)))
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))  # containers may not know (0, or wrong)
         stride = max(1, math.ceil(count / wanted)) if count > 0 else 1
-        names, decoded, index = [], [], 0
-        while len(decoded) < wanted:
-            ok, bgr = capture.read()
-            if not ok or bgr is None:
-                break
-            if index % stride == 0:
-                decoded.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-                names.append(path.parent / f"{path.stem}_{index:06d}.png")  # names for --include and reports
-            index += 1
+        indices, decoded = read_video(capture, wanted, stride)
     finally:
         capture.release()
     if not decoded:
         raise DatasetError(f"{path}: no frame could be decoded")
+    names = [path.parent / f"{path.stem}_{index:06d}.png" for index in indices]  # for --include and reports
     return UnlabelledFrames(path, names, decoded)
+
+
+def read_video(capture: cv2.VideoCapture, count: int, stride: int) -> tuple[list[int], list[np.ndarray]]:
+    """Every ``stride``-th frame of an open capture as RGB, up to ``count``: (frame indices, frames)."""
+    indices, frames, index = [], [], 0
+    while len(frames) < count:
+        ok, bgr = capture.read()
+        if not ok or bgr is None:
+            break
+        if index % stride == 0:
+            indices.append(index)
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        index += 1
+    return indices, frames

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -13,13 +11,9 @@ import pytest
 from clustvit_ros.tools import unlabelled
 from clustvit_ros.tools.data import DatasetError
 from clustvit_ros.tools.unlabelled import open_unlabelled
+from test_cli import clustvit
 
 DEMO_VIDEO = Path(__file__).resolve().parents[2] / "demo" / "vtest_excerpt.mp4"
-
-
-def _clustvit(*args):
-    return subprocess.run([sys.executable, "-m", "clustvit_ros.tools.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_video_frames_are_spread_over_the_whole_video(monkeypatch):
@@ -61,12 +55,11 @@ def test_a_folder_of_images_and_what_is_refused(tmp_path):
 
 
 def test_bench_on_unlabelled_video(default_model_file):
-    result = _clustvit("bench", "--unlabelled", "--data", DEMO_VIDEO, "--model", default_model_file, "--limit", "2",
-                       "--repeats", "1", "--warmup", "1", "--device", "cpu", "--json")
-    assert result.returncode == 0, result.stderr
+    result = clustvit("bench", "--unlabelled", "--data", DEMO_VIDEO, "--model", default_model_file, "--limit", "2",
+                      "--repeats", "1", "--warmup", "1", "--device", "cpu", "--json")
     report = json.loads(result.stdout)
     assert report["unlabelled"] is True and report["images"] == 2 and report["input_size"] == [480, 640]
     assert 0 < report["merged_fraction"] < 1 and report["gflops_ratio"] > 1 and report["latency_ratio"] > 0
-    refused = _clustvit("bench", "--unlabelled", "--data", DEMO_VIDEO, "--model", default_model_file,
-                        "--sweep-threshold", "--device", "cpu")
+    refused = clustvit("bench", "--unlabelled", "--data", DEMO_VIDEO, "--model", default_model_file,
+                       "--sweep-threshold", "--device", "cpu", check=False)
     assert refused.returncode == 2 and "sweeps, --strategy all and --oracle-clusters need labels" in refused.stderr
