@@ -9,3 +9,7 @@ data="$shared/datasets/camvid"
 backbone="$shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 clustvit=".venv/bin/clustvit"
 mkdir -p runs
+# The by-drive recipe's own options (models/README.md), shared by train_by_drive.sh and
+# compare_recipes.sh so that what is compared is what ships.
+by_drive_recipe=(--input-size 480 640 --crop-size 352 480 --scale-range 0.5 1.5 --augment domain-shift
+                 --rare-class-temperature 0.1 --ema-decay 0.998)

@@ -15,9 +15,7 @@ final_epochs="${FINAL_EPOCHS:-30}"
 folds=(${FOLDS:-0006R0 0001TP 0016E5})
 max_cost="${MAX_COST:-0.5}"
 out="${OUT:-runs/by_drive/clustvit_tiny_camvid_all_drives.safetensors}"
-recipe=(--input-size 480 640 --crop-size 352 480 --scale-range 0.5 1.5 --augment domain-shift
-        --rare-class-temperature 0.1 --ema-decay 0.998 --keep last --device "$device"
-        --init-backbone "$backbone" --resume)
+recipe=("${by_drive_recipe[@]}" --keep last --device "$device" --init-backbone "$backbone" --resume)
 mkdir -p runs/by_drive
 sweeps=()
 for drive in "${folds[@]}"; do
