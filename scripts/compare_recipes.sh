@@ -9,7 +9,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-12}"
 folds=(${FOLDS:-0006R0 0016E5})
-runs="runs/compare_recipes"
+runs="runs/compare_recipes/${epochs}_epochs"  # schedules never share a checkpoint
 mkdir -p "$runs"
 declare -A recipe_options=([old_recipe]="" [new_recipe]="${by_drive_recipe[*]}")
 for drive in "${folds[@]}"; do
