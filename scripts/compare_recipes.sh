@@ -23,8 +23,8 @@ for drive in "${folds[@]}"; do
       touch "$run.done"
     fi
   done
-  "$clustvit" export --model "$runs/${drive}_old_recipe.safetensors" --out "$runs/${drive}_old_recipe_640.safetensors" \
-    --input-size 480 640
+  [ -f "$runs/${drive}_old_recipe_640.safetensors" ] || "$clustvit" export --model "$runs/${drive}_old_recipe.safetensors" \
+    --out "$runs/${drive}_old_recipe_640.safetensors" --input-size 480 640
   for model in new_recipe old_recipe_640 old_recipe; do
     for threshold in 0.3 1.0; do
       result="$runs/${drive}_${model}_t$threshold.json"
