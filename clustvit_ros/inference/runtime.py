@@ -1,6 +1,7 @@
 """Real-time plumbing for a perception node, free of ROS: newest-frame slots (one per
 camera), rolling latency statistics, the latency-budget controller, transport-loss
-counting and the choice between batched and one-by-one inference."""
+counting, the knob shared by the operator and the controller, and the choice between
+batched and one-by-one inference."""
 from __future__ import annotations
 
 import threading
@@ -177,6 +178,55 @@ class LatencyController:
         position = value if knob is None else knob.position(value)
         position = max(self.low, min(self.high, position + step))
         return position if knob is None else knob.value_at(position)
+
+
+class BudgetedKnob:
+    """A strategy's knob written from two threads: the operator's setting (the ROS executor)
+    and the latency controller's step after each frame (the inference thread).
+
+    Every setting, and every change of budget, starts a new generation; a step computed for a
+    frame that began under an older generation is dropped. Without that, a frame still in
+    flight when the operator sets a value steps from the value it ran with and overwrites
+    the new one. ``engine`` is anything with ``knob`` and ``knob_value`` (SegmentationEngine).
+    """
+
+    def __init__(self, controller: Optional[LatencyController] = None):
+        self.controller = controller or LatencyController()
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    def _renew(self) -> None:
+        self._generation += 1
+        self.controller.reset()  # the smoothed latency belongs to the old setting
+
+    def set(self, engine, value: float) -> None:
+        """The operator's setting: in force from the next frame; a budget starts from it."""
+        with self._lock:
+            engine.knob_value = value
+            self._renew()
+
+    def budget_changed(self, engine, target_ms: float, setting: Optional[float]) -> None:
+        """A new budget; turning it off (0) returns to the operator's ``setting``."""
+        with self._lock:
+            self._renew()
+            if target_ms == 0 and setting is not None:
+                engine.knob_value = setting
+
+    def begin(self, engine) -> tuple[int, Optional[float]]:
+        """Before a frame: the generation it starts under and the knob value it runs with."""
+        with self._lock:
+            return self._generation, engine.knob_value
+
+    def step(self, engine, begun: tuple[int, Optional[float]], latency_ms: float, target_ms: float) -> bool:
+        """After a frame that took ``latency_ms``: the controller's step, unless a setting came in
+        meanwhile. True when the step was applied."""
+        generation, value = begun
+        knob = engine.knob
+        with self._lock:
+            if generation != self._generation or target_ms <= 0 or knob is None or value is None:
+                return False
+            engine.knob_value = self.controller.update(value, latency_ms, target_ms, knob)
+            return True
 
 
 @dataclass

@@ -149,8 +149,11 @@ class CameraStream:
         return rate, new_errors
 
     def publish_result(self, frame: PendingFrame, bgr: np.ndarray, result, engine, runtime, node_name: str,
-                       decode_ms: float, decode_started: float) -> float:
-        """Every output of one segmented frame, with its header; returns its receive -> labels latency (ms)."""
+                       decode_ms: float, decode_started: float, knob_value: Optional[float]) -> float:
+        """Every output of one segmented frame, with its header; returns its receive -> labels latency (ms).
+
+        ``knob_value`` is the value the frame ran with: the engine's may have moved since.
+        """
         header, outputs = frame.message.header, self.publishers
         publish_started = time.perf_counter()
         outputs["labels"].publish(Image(header=header, **label_image_fields(result.labels)))
@@ -160,7 +163,7 @@ class CameraStream:
         knob = engine.knob
         outputs["frame_stats"].publish(processed_frame_stats(
             header, node_name, result.stats, latency_ms, result.timings_ms["inference"],
-            knob.name if knob else None, engine.knob_value, result.batch_size))
+            knob.name if knob else None, knob_value, result.batch_size))
         if result.confidence is not None and outputs["confidence"].get_subscription_count() > 0:
             outputs["confidence"].publish(Image(header=header, **label_image_fields(result.confidence)))
         if runtime.publish_overlay and outputs["overlay"].get_subscription_count() > 0:

@@ -27,7 +27,7 @@ from sensor_msgs.msg import CompressedImage
 from ..inference.devices import resolve_device, set_cpu_threads
 from ..inference.engine import SegmentationEngine
 from ..inference.packaged import packaged_model_path
-from ..inference.runtime import BatchChooser, FrameSlots, LatencyController
+from ..inference.runtime import BatchChooser, BudgetedKnob, FrameSlots
 from ..model import CheckpointError
 from ..model.reduction import strategy_spec
 from . import diagnostics
@@ -89,7 +89,7 @@ class SegmentationPipeline:
         self.name = node.get_name()
         self.cameras = [CameraStream(name) for name in settings.cameras] or [CameraStream("")]
         self.slots: FrameSlots[PendingFrame] = FrameSlots()
-        self.controller = LatencyController()
+        self.knob = BudgetedKnob()  # parameters (executor thread) and the controller (worker) both move it
         self.batching = BatchChooser()
         self.runtime = RuntimeSettings()
         self.engine: Optional[SegmentationEngine] = None
@@ -161,13 +161,11 @@ class SegmentationPipeline:
             # The parameter is the operator's setting; with a latency budget the controller
             # starts from it and moves the effective value.
             self.runtime.knob = values[knob_name]
-            self.engine.knob_value = self.runtime.knob
-            self.controller.reset()
+            self.knob.set(self.engine, self.runtime.knob)
         if "target_latency_ms" in values:
             self.runtime.target_latency_ms = float(values["target_latency_ms"])
-            self.controller.reset()
-            if self.runtime.target_latency_ms == 0 and self.runtime.knob is not None and self.engine is not None:
-                self.engine.knob_value = self.runtime.knob  # budget off: back to the setting
+            if self.engine is not None:
+                self.knob.budget_changed(self.engine, self.runtime.target_latency_ms, self.runtime.knob)
         for name in ("publish_overlay", "overlay_alpha", "labels_at_input_resolution", "publish_confidence"):
             if name in values:
                 setattr(self.runtime, name, values[name])
@@ -227,6 +225,7 @@ class SegmentationPipeline:
 
     def _segment(self, group: list) -> None:
         runtime, engine = self.runtime, self.engine
+        begun = self.knob.begin(engine)  # the knob value this batch runs with, and under which setting
         started = time.perf_counter()
         try:
             results = engine.segment_batch([bgr for _, bgr, _, _ in group], runtime.labels_at_input_resolution,
@@ -237,19 +236,17 @@ class SegmentationPipeline:
             return
         self.batching.record(len(group), len(group) > 1, time.perf_counter() - started)
         for (frame, bgr, decode_ms, decode_started), result in zip(group, results):
-            self._publish(frame, bgr, result, decode_ms, decode_started)
+            self._publish(frame, bgr, result, decode_ms, decode_started, begun)
 
     def _confidence_wanted(self, group: list) -> bool:
         return self.runtime.publish_confidence and any(
             frame.camera.publishers["confidence"].get_subscription_count() > 0 for frame, *_ in group)
 
-    def _publish(self, frame: PendingFrame, bgr, result, decode_ms: float, decode_started: float) -> None:
-        engine, runtime = self.engine, self.runtime
-        knob, knob_value = engine.knob, engine.knob_value
-        latency_ms = frame.camera.publish_result(frame, bgr, result, engine, runtime, self.name, decode_ms,
-                                                 decode_started)
-        if runtime.target_latency_ms > 0 and knob is not None:
-            engine.knob_value = self.controller.update(knob_value, latency_ms, runtime.target_latency_ms, knob)
+    def _publish(self, frame: PendingFrame, bgr, result, decode_ms: float, decode_started: float,
+                 begun: tuple) -> None:
+        latency_ms = frame.camera.publish_result(frame, bgr, result, self.engine, self.runtime, self.name, decode_ms,
+                                                 decode_started, knob_value=begun[1])
+        self.knob.step(self.engine, begun, latency_ms, self.runtime.target_latency_ms)
 
     def _reject(self, frame: PendingFrame, counter: str, reason: str) -> None:
         """Count a frame that produced no labels, log it (throttled) and say so on ~/frame_stats."""

@@ -123,3 +123,24 @@ def test_batch_of_frames_and_confidence(untrained_checkpoint, val_samples):
         assert int(together.confidence.min()) >= 255 // 11 - 1  # the winner has at least 1/11
     with pytest.raises(ValueError, match="one network size"):
         engine.segment_batch([frames[0], frames[0][:200]])
+
+
+def test_a_step_from_a_frame_begun_before_a_setting_is_dropped(untrained_checkpoint):
+    """The operator's value survives the controller's step for a frame that was already running."""
+    from clustvit_ros.inference.runtime import BudgetedKnob
+    engine = SegmentationEngine.from_checkpoint(untrained_checkpoint, "cpu")
+    knob = BudgetedKnob()
+    knob.set(engine, 0.4)
+    knob.budget_changed(engine, target_ms=50.0, setting=0.4)
+    in_flight = knob.begin(engine)
+    assert in_flight[1] == 0.4
+    knob.set(engine, 0.9)  # arrives while that frame is being segmented
+    assert knob.step(engine, in_flight, latency_ms=10.0, target_ms=50.0) is False
+    assert engine.knob_value == 0.9
+    # The next frame runs with the setting, and its step applies: 10 ms of 50 is headroom, reduce less.
+    begun = knob.begin(engine)
+    assert begun[1] == 0.9 and knob.step(engine, begun, latency_ms=10.0, target_ms=50.0) is True
+    assert engine.knob_value == pytest.approx(0.95)
+    begun = knob.begin(engine)
+    knob.budget_changed(engine, target_ms=0.0, setting=0.9)  # budget off: back to the setting
+    assert knob.step(engine, begun, latency_ms=100.0, target_ms=0.0) is False and engine.knob_value == 0.9

@@ -57,8 +57,12 @@ def node(ros, node_model):
     assert process.stop() == 0, process.log()
 
 
-def _send_and_wait(ros, camera, message, topic=f"{NODE}/labels", timeout=30.0):
-    """Publish one frame and wait for the output with its stamp."""
+def _send_and_wait(ros, camera, message, topic=f"{NODE}/labels", timeout=30.0, resend_every=1.0):
+    """Publish one frame and wait for the output with its stamp.
+
+    A copy resent while the first is still being segmented is segmented too: tests that
+    count on the node being idle once the output arrives resend rarely.
+    """
     stamp = (message.header.stamp.sec, message.header.stamp.nanosec)
 
     def arrived():
@@ -66,7 +70,7 @@ def _send_and_wait(ros, camera, message, topic=f"{NODE}/labels", timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         camera.publish(message)  # best-effort input: resend until it gets through
-        if wait_for(lambda: bool(arrived()), 1.0):
+        if wait_for(lambda: bool(arrived()), resend_every):
             return arrived()[0]
     raise AssertionError(f"no {topic} for frame stamped {stamp}")
 
@@ -238,7 +242,7 @@ def test_target_latency_moves_the_threshold_and_settles(ros, node, street_frames
         for index in range(frames):
             stats = _send_and_wait(ros, camera, image_message(street_frames[index % 6],
                                                               stamp_ns=(start_stamp + index) * 10 ** 9),
-                                   f"{NODE}/frame_stats")
+                                   f"{NODE}/frame_stats", resend_every=10.0)
             values = diagnostic_values(stats.status[0])
             latencies.append(float(values["latency_ms"]))
             thresholds.append(float(values["merge_threshold"]))
@@ -260,6 +264,27 @@ def test_target_latency_moves_the_threshold_and_settles(ros, node, street_frames
         ros.set_parameters(NODE, target_latency_ms=0.0)
         _, after = run(2, 790)
         assert after[-1] == 1.0  # budget off: back to the operator's threshold
+    finally:
+        ros.set_parameters(NODE, merge_threshold=0.3, target_latency_ms=0.0)
+
+
+def test_a_threshold_set_under_a_budget_is_not_overwritten_by_a_frame_in_flight(ros, node, street_frames):
+    """The operator's new threshold is what the next frame runs with, every time.
+
+    Under a budget the inference thread steps the threshold after each frame while the
+    executor thread may be applying a new one; the step of a frame that started before the
+    change must not land on top of it. Setting it straight after each frame's stats arrive
+    aims at that window (the frame's overlay and camera_info are still being published).
+    """
+    _, camera = node
+    try:
+        ros.set_parameters(NODE, target_latency_ms=1.0)  # unreachable: every frame steps the threshold down
+        for index in range(12):
+            setting = 0.9 if index % 2 == 0 else 0.8
+            ros.set_parameters(NODE, merge_threshold=setting)
+            frame = image_message(street_frames[index % 6], stamp_ns=(900 + index) * 10 ** 9)
+            stats = _send_and_wait(ros, camera, frame, f"{NODE}/frame_stats", resend_every=10.0)
+            assert float(diagnostic_values(stats.status[0])["merge_threshold"]) == setting, index
     finally:
         ros.set_parameters(NODE, merge_threshold=0.3, target_latency_ms=0.0)
 
