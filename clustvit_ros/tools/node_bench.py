@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -25,20 +26,14 @@ INPUT = "/bench/image_raw"
 
 
 def load_frames(source: str, width: int, height: int, limit: int = 50) -> list[np.ndarray]:
-    path = Path(source)
-    frames = []
-    if path.is_dir():
-        for file in sorted(path.iterdir())[:limit]:
-            image = cv2.imread(str(file), cv2.IMREAD_COLOR)
-            if image is not None:
-                frames.append(image)
-    else:
-        capture = cv2.VideoCapture(str(path))
-        while len(frames) < limit:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(frame)
+    """The first ``limit`` BGR frames of a video, image folder or image (the node's image_source
+    reader), resized to what the benchmark sends."""
+    from ..ros.image_source import SourceError, open_frames
+    try:
+        frames, _ = open_frames(source)
+        frames = list(itertools.islice(frames, limit))
+    except SourceError as exc:
+        raise SystemExit(str(exc)) from None
     if not frames:
         raise SystemExit(f"{source}: no frames")
     return [cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames]
