@@ -28,6 +28,8 @@ INPUT = "/bench/image_raw"
 def load_frames(source: str, width: int, height: int, limit: int = 50) -> list[np.ndarray]:
     """The first ``limit`` BGR frames of a video, image folder or image (the node's image_source
     reader), resized to what the benchmark sends."""
+    # Imported here, like run()'s ROS messages: the module loads rclpy, which must come after
+    # require_local_ros_environment() (loopback-only discovery, own domain).
     from ..ros.image_source import SourceError, open_frames
     try:
         frames, _ = open_frames(source)
