@@ -5,7 +5,8 @@
    frames, measured in the same process), and each stage's share.
 2. Flood: frames at ``--rate`` Hz (30 by default, faster than the model on a
    CPU) for ``--frames`` frames: latency p95 over the model's median, frames
-   dropped, and the node's resident memory growth from frame 200 to the end.
+   dropped, and the node's resident memory growth from frame 200 (a quarter of the
+   way in for shorter floods: allocator warm-up is over by then) to the end.
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def _overhead(probe: Probe, camera, messages: list, args: argparse.Namespace) ->
             wait_for(lambda: len(probe.received("/clustvit/frame_stats")) > before, 2.0)
         time.sleep(0.02)  # the node is idle when the next frame arrives
     values = _frame_values(probe)[args.warmup:]
+    if not values:
+        raise SystemExit(f"the node labelled none of the {args.overhead_frames} measured frames")
     latency = np.array([float(v["latency_ms"]) for v in values])
     model_ms = float(np.median([float(v["inference_ms"]) for v in values]))
     stages = {k: float(v) for k, v in diagnostic_values(_latest_status(probe)).items() if k.endswith("_ms_mean")}
@@ -103,10 +106,10 @@ def _flood(probe: Probe, camera, messages: list, node: NodeProcess, args: argpar
     probe.clear()
     period = 1.0 / args.rate
     start = time.monotonic()
-    rss_start = None
+    rss_start, rss_from = None, min(200, args.frames // 4)
     for index in range(args.frames):
         camera.publish(messages[index % len(messages)])
-        if index == 200:
+        if index == rss_from:
             rss_start = rss_mb(node.process.pid)
         delay = start + (index + 1) * period - time.monotonic()
         if delay > 0:
@@ -114,6 +117,8 @@ def _flood(probe: Probe, camera, messages: list, node: NodeProcess, args: argpar
     time.sleep(1.0)
     rss_end = rss_mb(node.process.pid)
     flood = np.array([float(v["latency_ms"]) for v in _frame_values(probe)])
+    if flood.size == 0:
+        raise SystemExit(f"the node labelled none of the {args.frames} flood frames:\n" + node.log())
     flood_inference = np.array([float(v["inference_ms"]) for v in _frame_values(probe)])
     time.sleep(1.5)
     counts = diagnostic_values(_latest_status(probe))
@@ -127,10 +132,25 @@ def _flood(probe: Probe, camera, messages: list, node: NodeProcess, args: argpar
         "flood_latency_ms_p95": float(np.percentile(flood, 95)),
         "flood_model_latency_ms_median": float(np.median(flood_inference)),
         "flood_p95_over_model": float(np.percentile(flood, 95)) / float(np.median(flood_inference)),
-        "rss_mb_at_frame_200": rss_start,
+        "rss_from_frame": rss_from,
+        "rss_mb_at_start": rss_start,
         "rss_mb_at_end": rss_end,
-        "rss_growth_mb": rss_end - rss_start if rss_start else None,
+        "rss_growth_mb": rss_end - rss_start,
     }
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -139,14 +159,16 @@ def main(argv=None) -> int:
                         help="image folder or video (e.g. ../shared/datasets/camvid/val)")
     parser.add_argument("--model", default="")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--width", type=int, default=480)
-    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--width", type=_at_least_one, default=480)
+    parser.add_argument("--height", type=_at_least_one, default=360)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--overhead-frames", type=int, default=60)
-    parser.add_argument("--rate", type=float, default=30.0)
-    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--overhead-frames", type=_at_least_one, default=60)
+    parser.add_argument("--rate", type=_positive, default=30.0)
+    parser.add_argument("--frames", type=_at_least_one, default=2000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, not {args.warmup}")
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
