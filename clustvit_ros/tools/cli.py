@@ -15,16 +15,10 @@ from typing import Optional, Sequence
 
 from ..inference.devices import PRECISIONS
 from ..model.checkpoint import CheckpointError
+from .arguments import at_least_one
 from .bench import BenchSettings as BENCH
 from .data import DatasetError
 from .train import TrainSettings as TRAIN
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +57,8 @@ def _add_train(commands) -> None:
     train.add_argument("--head-on-merged", action="store_true",
                        help="run the Segmenter decoder on the merged sequence and regenerate its output "
                             "(merging then saves in the head too)")
-    train.add_argument("--epochs", type=_positive, default=TRAIN.epochs)
-    train.add_argument("--batch-size", type=_positive, default=TRAIN.batch_size)
+    train.add_argument("--epochs", type=at_least_one, default=TRAIN.epochs)
+    train.add_argument("--batch-size", type=at_least_one, default=TRAIN.batch_size)
     train.add_argument("--lr", type=float, default=TRAIN.lr)
     train.add_argument("--warmup-steps", type=int, default=TRAIN.warmup_steps,
                        help="linear LR warm-up before the cosine decay")
@@ -79,7 +73,7 @@ def _add_train(commands) -> None:
     _add_frame_args(train, "train", "train", "training frames")
     _add_frame_args(train, "val", "val", "validation frames ('none': no validation, keep the last epoch)")
     train.add_argument("--val-limit", type=int, help="validate on the first N images only")
-    train.add_argument("--val-every", type=_positive, default=TRAIN.val_every,
+    train.add_argument("--val-every", type=at_least_one, default=TRAIN.val_every,
                        help="validate every N epochs (and the last)")
     _add_train_recipe(train)
 
@@ -125,7 +119,7 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--inference-size", type=int, help="long side the image is scaled to")
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="fp32, bf16, fp16 (CUDA), or auto (the node's choice for this device)")
-    evaluate.add_argument("--limit", type=_positive)
+    evaluate.add_argument("--limit", type=at_least_one)
     evaluate.add_argument("--void-label", type=int)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -137,8 +131,8 @@ def _add_bench(commands) -> None:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--data", required=True)
     bench.add_argument("--split", default="val")
-    bench.add_argument("--limit", type=_positive, default=BENCH.limit, help="images")
-    bench.add_argument("--repeats", type=_positive, default=BENCH.repeats, help="timed runs per image and arm")
+    bench.add_argument("--limit", type=at_least_one, default=BENCH.limit, help="images")
+    bench.add_argument("--repeats", type=at_least_one, default=BENCH.repeats, help="timed runs per image and arm")
     bench.add_argument("--warmup", type=int, default=BENCH.warmup)
     bench.add_argument("--height", type=int)
     bench.add_argument("--width", type=int)
@@ -147,7 +141,7 @@ def _add_bench(commands) -> None:
                        help="token reduction to measure against the plain ViT, or 'all' for the comparison table")
     bench.add_argument("--knob", type=float, help="the strategy's knob (clustvit: the merge threshold)")
     bench.add_argument("--sweep", action="store_true", help="sweep the strategy's knob (speed and accuracy)")
-    bench.add_argument("--eval-limit", type=_positive, help="images for the mIoU of sweeps (default: the split)")
+    bench.add_argument("--eval-limit", type=at_least_one, help="images for the mIoU of sweeps (default: the split)")
     bench.add_argument("--oracle-clusters", action="store_true",
                        help="merge decisions from the ground-truth pseudo clusters")
     bench.add_argument("--clusters", type=int, default=BENCH.clusters, help="k of the untrained model (no --model)")

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from ..inference.packaged import demo_video_path, packaged_model_path
+from .arguments import above_zero, at_least_one, at_least_zero
 from .ros_process import NodeProcess, Probe, diagnostic_values, image_message, require_local_ros_environment, wait_for
 
 INPUT = "/bench/image_raw"
@@ -139,36 +140,20 @@ def _flood(probe: Probe, camera, messages: list, node: NodeProcess, args: argpar
     }
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="node_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(demo_video_path()),
                         help="image folder or video (e.g. ../shared/datasets/camvid/val)")
     parser.add_argument("--model", default="")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--width", type=_at_least_one, default=480)
-    parser.add_argument("--height", type=_at_least_one, default=360)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--overhead-frames", type=_at_least_one, default=60)
-    parser.add_argument("--rate", type=_positive, default=30.0)
-    parser.add_argument("--frames", type=_at_least_one, default=2000)
+    parser.add_argument("--width", type=at_least_one, default=480)
+    parser.add_argument("--height", type=at_least_one, default=360)
+    parser.add_argument("--warmup", type=at_least_zero, default=5)
+    parser.add_argument("--overhead-frames", type=at_least_one, default=60)
+    parser.add_argument("--rate", type=above_zero, default=30.0)
+    parser.add_argument("--frames", type=at_least_one, default=2000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.warmup < 0:
-        parser.error(f"--warmup must be 0 or more, not {args.warmup}")
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
