@@ -117,10 +117,11 @@ def _flood(probe: Probe, camera, messages: list, node: NodeProcess, args: argpar
             time.sleep(delay)
     time.sleep(1.0)
     rss_end = rss_mb(node.process.pid)
-    flood = np.array([float(v["latency_ms"]) for v in _frame_values(probe)])
-    if flood.size == 0:
+    values = _frame_values(probe)
+    if not values:
         raise SystemExit(f"the node labelled none of the {args.frames} flood frames:\n" + node.log())
-    flood_inference = np.array([float(v["inference_ms"]) for v in _frame_values(probe)])
+    flood = np.array([float(v["latency_ms"]) for v in values])
+    flood_inference = np.array([float(v["inference_ms"]) for v in values])
     time.sleep(1.5)
     counts = diagnostic_values(_latest_status(probe))
     return {
