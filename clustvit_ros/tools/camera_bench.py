@@ -17,9 +17,13 @@ import time
 import numpy as np
 
 from ..inference.packaged import demo_video_path, packaged_model_path
+from .arguments import above_zero, at_least_one, at_least_zero
 from .node_bench import load_frames, rss_mb
 from .ros_process import NodeProcess, Probe, diagnostic_values, image_message, require_local_ros_environment, wait_for
 
+OK = b"\x00"  # DiagnosticStatus.OK as the message holds it
+# The longest a node may take to label every camera once after --warmup-seconds.
+WARMUP_LIMIT_S = 120.0
 NAMES = ["cam0", "cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "cam7"]
 
 
@@ -53,13 +57,15 @@ def measure(layout: str, count: int, args: argparse.Namespace, frames: list) -> 
         if not wait_for(lambda: all(c.get_subscription_count() > 0 for c in cameras.values()), 300):
             raise SystemExit("the node(s) did not subscribe:\n" + "\n".join(p.log() for p, _ in nodes))
         messages = [image_message(f) for f in frames]
-        _play(cameras, messages, args.rate, args.warmup_seconds)  # model warm-up, not measured
+        _warm_up(probe, cameras, messages, topics, args)
         probe.clear()
         published = _play(cameras, messages, args.rate, args.seconds)
         time.sleep(1.0)
         rss = sum(rss_mb(p.process.pid) for p, _ in nodes)
         latencies = {name: [float(diagnostic_values(m.status[0])["latency_ms"]) for m in probe.received(topic)
-                            if m.status[0].level == b"\x00"] for name, topic in topics.items()}
+                            if m.status[0].level == OK] for name, topic in topics.items()}
+        unlabelled = {name: sum(m.status[0].level != OK for m in probe.received(topic))
+                      for name, topic in topics.items()}
     finally:
         for process, _ in nodes:
             process.stop()
@@ -70,7 +76,28 @@ def measure(layout: str, count: int, args: argparse.Namespace, frames: list) -> 
             "latency_ms_p95": float(np.percentile(every, 95)),
             "labelled_hz_per_camera": {n: len(v) / args.seconds for n, v in latencies.items()},
             "min_labelled_hz": min(len(v) for v in latencies.values()) / args.seconds,
-            "rss_mb_total": rss, "processes": len(nodes)}
+            "unlabelled_per_camera": unlabelled, "rss_mb_total": rss, "processes": len(nodes)}
+
+
+def _warm_up(probe: Probe, cameras: dict, messages: list, topics: dict, args: argparse.Namespace) -> None:
+    """Play frames (not measured) for ``--warmup-seconds`` and until every camera has been labelled once.
+
+    A fixed warm-up alone is not enough on a loaded machine: the first inference can take
+    longer than it, and a camera then shows no labels in a short measured window.
+    """
+    def labelled(topic: str) -> bool:
+        return any(m.status[0].level == OK for m in probe.received(topic))
+
+    _play(cameras, messages, args.rate, args.warmup_seconds)
+    started = time.monotonic()
+    while not all(labelled(topic) for topic in topics.values()):
+        if time.monotonic() - started > WARMUP_LIMIT_S:
+            waiting = [name for name, topic in topics.items() if not labelled(topic)]
+            reasons = {m.status[0].message for topic in topics.values() for m in probe.received(topic)
+                       if m.status[0].level != OK}
+            raise SystemExit(f"no labels for {', '.join(waiting)} after {WARMUP_LIMIT_S:.0f} s of warm-up "
+                             f"(frame failures: {sorted(reasons) or 'none'})")
+        _play(cameras, messages, args.rate, 1.0)
 
 
 def _play(cameras: dict, messages: list, rate: float, seconds: float) -> int:
@@ -88,18 +115,25 @@ def _play(cameras: dict, messages: list, rate: float, seconds: float) -> int:
     return index
 
 
+def _camera_count(text: str) -> int:
+    count = at_least_one(text)
+    if count > len(NAMES):
+        raise argparse.ArgumentTypeError(f"{text}: at most {len(NAMES)} cameras")
+    return count
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="camera_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(demo_video_path()), help="image folder or video")
     parser.add_argument("--model", default="")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="num_threads of each node (0 = default)")
-    parser.add_argument("--width", type=int, default=480)
-    parser.add_argument("--height", type=int, default=360)
-    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--threads", type=at_least_zero, default=0, help="num_threads of each node (0 = default)")
+    parser.add_argument("--width", type=at_least_one, default=480)
+    parser.add_argument("--height", type=at_least_one, default=360)
+    parser.add_argument("--cameras", type=_camera_count, nargs="+", default=[1, 2, 4])
     parser.add_argument("--layouts", nargs="+", default=["shared", "separate"], choices=("shared", "separate"))
-    parser.add_argument("--rate", type=float, default=10.0, help="frames per second and camera")
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rate", type=above_zero, default=10.0, help="frames per second and camera")
+    parser.add_argument("--seconds", type=above_zero, default=30.0)
     parser.add_argument("--warmup-seconds", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -30,6 +30,14 @@ def test_node_bench_rejects_settings_it_cannot_measure(bad, capsys):
     assert bad[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", [["--rate", "0"], ["--seconds", "-1"], ["--cameras", "0"], ["--cameras", "9"]])
+def test_camera_bench_rejects_settings_it_cannot_measure(bad, capsys):
+    with pytest.raises(SystemExit) as stop:
+        camera_bench.main(bad)
+    assert stop.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+
+
 def test_node_bench_names_a_missing_source(tmp_path):
     with pytest.raises(SystemExit) as stop:
         node_bench.load_frames(str(tmp_path / "absent.mp4"), 480, 360)
@@ -46,4 +54,5 @@ def test_camera_bench_serves_two_cameras_from_one_node(node_model, demo_video, c
     # both cameras got labels from the one node, each within what it published
     assert set(row["labelled_hz_per_camera"]) == {"cam0", "cam1"}
     assert 0 < row["min_labelled_hz"] <= row["published_per_camera"] / row["seconds"] + 0.5
+    assert row["unlabelled_per_camera"] == {"cam0": 0, "cam1": 0}  # real frames: none rejected or failed
     assert row["latency_ms_p95"] >= row["latency_ms_p50"] > 0 and row["rss_mb_total"] > 100
