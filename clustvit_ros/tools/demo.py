@@ -20,6 +20,10 @@ from .ros_process import NodeProcess, Probe, diagnostic_values, require_local_ro
 DEMO_VIDEO = demo_video_path()
 
 
+# Time for the node's publishers to match the viewer after the viewer has seen them.
+DISCOVERY_SETTLE_S = 1.0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clustvit-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--video", default=str(DEMO_VIDEO), help="video, image folder or image")
@@ -59,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         # first frames' stats would be published before anyone listens.
         wait_for(lambda: all(probe.node.count_publishers(topic) > 0
                              for topic in ("/clustvit/frame_stats", "/clustvit/overlay")), 30)
+        # Discovery runs each way on its own: the viewer seeing the node's publishers does not
+        # mean those publishers have matched the viewer yet (CI once lost the first frame's stats).
+        time.sleep(DISCOVERY_SETTLE_S)
         camera = NodeProcess("image_source", {"source": args.video, "rate": args.rate, "loop": True,
                                               "max_frames": args.frames, "wait_for_subscribers": True},
                              {"image": "/camera/image_raw"}, name="demo-camera")
