@@ -21,7 +21,6 @@ from .arguments import above_zero, at_least_one, at_least_zero
 from .node_bench import load_frames, rss_mb
 from .ros_process import NodeProcess, Probe, diagnostic_values, image_message, require_local_ros_environment, wait_for
 
-OK = b"\x00"  # DiagnosticStatus.OK as the message holds it
 # The longest a node may take to label every camera once after --warmup-seconds.
 WARMUP_LIMIT_S = 120.0
 NAMES = ["cam0", "cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "cam7"]
@@ -45,7 +44,7 @@ def _start(layout: str, count: int, args: argparse.Namespace) -> list[tuple[Node
 
 
 def measure(layout: str, count: int, args: argparse.Namespace, frames: list) -> dict:
-    from diagnostic_msgs.msg import DiagnosticArray
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
     from sensor_msgs.msg import Image
     probe = Probe(f"camera_bench_{layout}_{count}")
     nodes = _start(layout, count, args)
@@ -63,8 +62,8 @@ def measure(layout: str, count: int, args: argparse.Namespace, frames: list) -> 
         time.sleep(1.0)
         rss = sum(rss_mb(p.process.pid) for p, _ in nodes)
         latencies = {name: [float(diagnostic_values(m.status[0])["latency_ms"]) for m in probe.received(topic)
-                            if m.status[0].level == OK] for name, topic in topics.items()}
-        unlabelled = {name: sum(m.status[0].level != OK for m in probe.received(topic))
+                            if m.status[0].level == DiagnosticStatus.OK] for name, topic in topics.items()}
+        unlabelled = {name: sum(m.status[0].level != DiagnosticStatus.OK for m in probe.received(topic))
                       for name, topic in topics.items()}
     finally:
         for process, _ in nodes:
@@ -85,8 +84,10 @@ def _warm_up(probe: Probe, cameras: dict, messages: list, topics: dict, args: ar
     A fixed warm-up alone is not enough on a loaded machine: the first inference can take
     longer than it, and a camera then shows no labels in a short measured window.
     """
+    from diagnostic_msgs.msg import DiagnosticStatus
+
     def labelled(topic: str) -> bool:
-        return any(m.status[0].level == OK for m in probe.received(topic))
+        return any(m.status[0].level == DiagnosticStatus.OK for m in probe.received(topic))
 
     _play(cameras, messages, args.rate, args.warmup_seconds)
     started = time.monotonic()
@@ -94,7 +95,7 @@ def _warm_up(probe: Probe, cameras: dict, messages: list, topics: dict, args: ar
         if time.monotonic() - started > WARMUP_LIMIT_S:
             waiting = [name for name, topic in topics.items() if not labelled(topic)]
             reasons = {m.status[0].message for topic in topics.values() for m in probe.received(topic)
-                       if m.status[0].level != OK}
+                       if m.status[0].level != DiagnosticStatus.OK}
             raise SystemExit(f"no labels for {', '.join(waiting)} after {WARMUP_LIMIT_S:.0f} s of warm-up "
                              f"(frame failures: {sorted(reasons) or 'none'})")
         _play(cameras, messages, args.rate, 1.0)
