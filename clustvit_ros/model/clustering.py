@@ -9,6 +9,8 @@ model (they travel with the checkpoint); the merging itself is the strategy in
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,16 +56,10 @@ class Regenerator(nn.Module):
         return self.fc2(self.act(own_part + rep_part))
 
 
-def pseudo_cluster_targets(masks: torch.Tensor, clusters: int, patch_size: int = 16,
-                           ignore_index: int = 255) -> torch.Tensor:
-    """Cluster targets (B, h*w) in 0..k from ground-truth masks (B, H, W).
-
-    A patch whose pixels all carry one (non-void) class, that class being among
-    the image's k most frequent such classes (counted in homogeneous patches),
-    gets the class's rank 1..k (1 = most frequent); every other patch gets 0.
-    Masks are padded with void to a multiple of the patch size, like images.
-    Ties in frequency go to the lower class id.
-    """
+def _patch_classes(masks: torch.Tensor, patch_size: int, ignore_index: int) -> tuple[torch.Tensor, int]:
+    """Each patch's class when all its pixels carry that one (non-void) class, else a
+    sentinel; (B, h*w) and the sentinel. Masks are padded with void to a multiple of
+    the patch size, like images."""
     masks = masks.long()
     batch, height, width = masks.shape
     pad_h, pad_w = (-height) % patch_size, (-width) % patch_size
@@ -74,13 +70,39 @@ def pseudo_cluster_targets(masks: torch.Tensor, clusters: int, patch_size: int =
     patches = patches.reshape(batch, h * w, patch_size * patch_size)
     low, high = patches.min(-1).values, patches.max(-1).values
     homogeneous = (low == high) & (low != ignore_index) & (low >= 0)
-    num_values = int(max(int(masks.max()), ignore_index, 0)) + 1
-    sentinel = num_values  # marks "not a homogeneous patch"
-    patch_class = torch.where(homogeneous, low, torch.full_like(low, sentinel))
+    sentinel = int(max(int(masks.max()), ignore_index, 0)) + 1
+    return torch.where(homogeneous, low, torch.full_like(low, sentinel)), sentinel
+
+
+def pseudo_cluster_targets(masks: torch.Tensor, clusters: int, patch_size: int = 16,
+                           ignore_index: int = 255, fixed_classes: Sequence[int] = ()) -> torch.Tensor:
+    """Cluster targets (B, h*w) in 0..k from ground-truth masks (B, H, W).
+
+    By default (the paper's rule) a patch whose pixels all carry one (non-void)
+    class, that class being among the image's k most frequent such classes
+    (counted in homogeneous patches), gets the class's rank 1..k (1 = most
+    frequent); every other patch gets 0. Ties in frequency go to the lower class id.
+
+    With ``fixed_classes`` (k class ids) cluster i is always class
+    ``fixed_classes[i - 1]``: a homogeneous patch of one of them gets its cluster,
+    whatever else the image holds, and every other patch 0. The head then answers
+    "which of these classes, or none" rather than "how frequent is my class in this
+    image", which is what it got wrong on an unseen drive (models/README.md).
+    """
+    patch_class, sentinel = _patch_classes(masks, patch_size, ignore_index)
+    batch, num_values = patch_class.shape[0], sentinel
+    rank = torch.zeros(batch, num_values + 1, dtype=torch.long, device=masks.device)
+    if fixed_classes:
+        if len(fixed_classes) != clusters:
+            raise ValueError(f"fixed_classes names {len(fixed_classes)} classes for {clusters} clusters")
+        ids = torch.tensor(list(fixed_classes), dtype=torch.long, device=masks.device)
+        if ids.min() < 0 or ids.max() >= num_values or ids.unique().numel() != ids.numel():
+            raise ValueError(f"fixed_classes must be {clusters} distinct class ids, got {list(fixed_classes)}")
+        rank[:, ids] = torch.arange(1, clusters + 1, device=masks.device)
+        return rank.gather(1, patch_class)
     counts = F.one_hot(patch_class, num_values + 1).sum(1)[:, :num_values]  # (B, V)
     # Stable descending sort: equal counts keep the lower class id first.
     order = torch.sort(counts, dim=1, descending=True, stable=True).indices[:, :clusters]
-    rank = torch.zeros(batch, num_values + 1, dtype=torch.long, device=masks.device)
     top_counts = counts.gather(1, order)
     ranks = torch.arange(1, order.shape[1] + 1, device=masks.device).expand_as(order)
     rank.scatter_(1, order, torch.where(top_counts > 0, ranks, torch.zeros_like(ranks)))

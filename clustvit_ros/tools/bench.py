@@ -152,11 +152,19 @@ def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dty
             if model.config.clusters == 0:
                 raise ValueError("--oracle-clusters needs a model with a cluster module (clusters > 0)")
             oracle = pseudo_cluster_targets(torch.from_numpy(network_mask)[None], model.config.clusters,
-                                            model.patch_size, data.ignore_index).to(device)
+                                            model.patch_size, data.ignore_index, _trained_cluster_classes(model)
+                                            ).to(device)
         samples.append(Sample(image.to(device, dtype), torch.from_numpy(mask), oracle, network_shape))
     if not samples:
         raise ValueError(f"{settings.data}: no images in split {settings.split!r}")
     return samples
+
+
+def _trained_cluster_classes(model: ClustViT) -> tuple[int, ...]:
+    """The fixed cluster classes the model trained with (the oracle's targets then), or () for per-image ranks."""
+    settings = (getattr(model, "checkpoint_info", None) or {}).get("training", {}).get("settings", {})
+    names = settings.get("cluster_classes") or ()
+    return tuple(model.config.class_names.index(name) for name in names if name in model.config.class_names)
 
 
 def timm_reference_forward(model: ClustViT, images: torch.Tensor) -> torch.Tensor:

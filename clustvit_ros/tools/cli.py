@@ -65,6 +65,9 @@ def _add_train(commands) -> None:
     train.add_argument("--layer-decay", type=float, default=TRAIN.layer_decay)
     train.add_argument("--cluster-loss-weight", type=float, default=TRAIN.cluster_loss_weight)
     train.add_argument("--cluster-warmup-epochs", type=int, default=TRAIN.cluster_warmup_epochs)
+    train.add_argument("--cluster-classes", nargs="+", default=list(TRAIN.cluster_classes), metavar="CLASS",
+                       help="k class names: cluster i always gathers the i-th class's tokens (default: each "
+                            "image's k most frequent classes, by rank)")
     train.add_argument("--class-weighting", choices=("none", "sqrt-inverse"), default=TRAIN.class_weighting)
     train.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=TRAIN.input_size)
     train.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), default=TRAIN.crop_size)
@@ -227,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TRAIN) if hasattr(args, f.name)}
     for name in ("input_size", "crop_size", "scale_range", "train_include", "train_exclude", "val_include",
-                 "val_exclude"):
+                 "val_exclude", "cluster_classes"):
         values[name] = tuple(values[name])
     if values["val_split"].lower() == "none":
         values["val_split"] = None

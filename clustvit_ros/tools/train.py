@@ -88,6 +88,9 @@ class TrainSettings:
     drop_path: float = 0.1
     cluster_loss_weight: float = 0.1
     cluster_warmup_epochs: int = 2
+    # Empty: cluster targets rank each image's classes by frequency (the paper's rule). k class names:
+    # cluster i is always the i-th of them (pseudo_cluster_targets' fixed_classes).
+    cluster_classes: tuple[str, ...] = ()
     class_weighting: str = "none"  # "none" or "sqrt-inverse" (1/sqrt(pixel frequency))
     input_size: tuple[int, int] = (360, 480)
     crop_size: tuple[int, int] = (352, 480)
@@ -125,7 +128,7 @@ class TrainSettings:
     IDENTITY = ("data", "init_from", "keep_cluster_module", "distill_from", "arch", "clusters", "injection_point",
                 "head", "batch_size", "input_size", "crop_size", "class_weighting", "seed", "train_split",
                 "train_include", "train_exclude", "train_list", "augment", "rare_class_temperature", "ema_decay",
-                "head_on_merged")
+                "head_on_merged", "cluster_classes")
 
     def state_path(self) -> Path:
         return training_state_path(self.out)
@@ -384,6 +387,20 @@ def _validate_settings(settings: TrainSettings, device: torch.device) -> None:
                          "train in fp32 on the CPU")
 
 
+def cluster_class_ids(config: ModelConfig, names: tuple[str, ...]) -> tuple[int, ...]:
+    """The class ids of ``cluster_classes`` (empty: per-image ranks), checked against the model's classes."""
+    if not names:
+        return ()
+    if len(names) != config.clusters:
+        raise ValueError(f"cluster_classes names {len(names)} classes ({', '.join(names)}) for a model with "
+                         f"{config.clusters} clusters: give exactly {config.clusters}")
+    unknown = [n for n in names if n not in config.class_names]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"cluster_classes {list(names)}: expected {config.clusters} distinct names of "
+                         f"{', '.join(config.class_names)}" + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+    return tuple(config.class_names.index(n) for n in names)
+
+
 def _training_device(settings: TrainSettings, dist: Distributed) -> torch.device:
     device = resolve_device(settings.device)
     if device.type == "cuda" and dist.world > 1:
@@ -448,6 +465,7 @@ def _build_model(settings: TrainSettings, train_data: SegmentationData, device: 
         load_trunk(model, settings.init_from, with_cluster_module=settings.keep_cluster_module)
     elif settings.keep_cluster_module:
         raise ValueError("keep_cluster_module needs init_from (the checkpoint to take it from)")
+    cluster_class_ids(config, settings.cluster_classes)  # a wrong name stops here, not at the first step
     model = model.to(device)
     if config.clusters:  # validation merges by the training rule's threshold, or the default one
         threshold = settings.train_merge_threshold
@@ -679,7 +697,8 @@ def _loss(network: torch.nn.Module, model: ClustViT, images, masks, config: Mode
           teacher: Optional[ClustViT] = None) -> tuple[torch.Tensor, dict]:
     """The training loss; ``network`` runs the forward (``model`` itself, or its DDP wrapper)."""
     if config.clusters:
-        targets = pseudo_cluster_targets(masks, config.clusters, model.patch_size, config.ignore_index)
+        targets = pseudo_cluster_targets(masks, config.clusters, model.patch_size, config.ignore_index,
+                                         cluster_class_ids(config, settings.cluster_classes))
         strategy = ClusterMerging(settings.train_merge_threshold,
                                   assignment=targets if oracle_phase else None)
     else:

@@ -56,6 +56,25 @@ def test_pseudo_targets_ties_void_and_padding():
     assert targets.tolist() == [[1, 0, 0, 0]]
 
 
+def test_pseudo_targets_fixed_classes_ignore_image_frequency():
+    mask = _patch_mask([[3, 3, "mixed", 3],
+                        [5, VOID, 7, 5],
+                        [7, 9, 3, 5]])
+    # Clusters are classes 9, 5, 7 in that order, whatever their share of this image:
+    # class 3 (the image's most frequent) keeps its tokens, the lone 9 is cluster 1.
+    targets = pseudo_cluster_targets(mask, clusters=3, ignore_index=VOID, fixed_classes=(9, 5, 7))
+    assert targets.tolist() == [[0, 0, 0, 0,
+                                 2, 0, 3, 2,
+                                 3, 1, 0, 2]]
+    # A class the image lacks leaves its cluster empty, not taken by the next class.
+    assert pseudo_cluster_targets(_patch_mask([[3, 5]]), 2, ignore_index=VOID, fixed_classes=(8, 5)).tolist() == [
+        [0, 2]]
+    with pytest.raises(ValueError, match="2 classes for 3 clusters"):
+        pseudo_cluster_targets(mask, 3, ignore_index=VOID, fixed_classes=(9, 5))
+    with pytest.raises(ValueError, match="distinct class ids"):
+        pseudo_cluster_targets(mask, 2, ignore_index=VOID, fixed_classes=(5, 5))
+
+
 def test_assign_clusters_threshold_rule():
     probabilities = torch.tensor([[0.10, 0.60, 0.20, 0.10],   # cluster 1 at p=0.6
                                   [0.50, 0.40, 0.05, 0.05],   # keep is most likely

@@ -178,3 +178,27 @@ def test_two_gloo_processes_train_the_same_weights(tmp_path, two_drives, backbon
     losses = [record["loss"] for record in history]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
     assert json.loads(result.stdout.strip().splitlines()[-1])["best_epoch"] == 6
+
+
+@pytest.mark.slow
+def test_fixed_cluster_classes_train_record_and_refuse_changes(tmp_path, two_drives, backbone_file):
+    from clustvit_ros.model import load_checkpoint
+    fixed = ("Road", "Sky", "Building")
+    settings = _settings(two_drives, tmp_path / "fixed.safetensors", backbone_file, cluster_classes=fixed,
+                         keep="last", val_split=None, epochs=4, lr=1e-3)
+    train(settings, log=lambda _: None)
+    history = read_training_state(settings.state_path())["history"]
+    assert history[-1]["cluster_loss"] < 0.8 * history[0]["cluster_loss"]
+    model = load_checkpoint(settings.out)
+    assert tuple(model.checkpoint_info["training"]["settings"]["cluster_classes"]) == fixed
+    # Resuming under other cluster classes would train one head against two different targets.
+    other = _settings(two_drives, settings.out, backbone_file, cluster_classes=("Road", "Sky", "Tree"),
+                      keep="last", val_split=None, epochs=5)
+    with pytest.raises(ValueError, match="cluster_classes"):
+        train(other, resume=True, log=lambda _: None)
+    for wrong, reason in ((("Road", "Sky"), "give exactly 3"), (("Road", "Sky", "Lawn"), "Lawn unknown"),
+                          (("Road", "Road", "Sky"), "distinct names")):
+        with pytest.raises(ValueError, match=reason):
+            train(_settings(two_drives, tmp_path / "x.safetensors", backbone_file, cluster_classes=wrong,
+                            keep="last", val_split=None), log=lambda _: None)
+    assert not (tmp_path / "x.safetensors").exists()
