@@ -41,13 +41,14 @@ def test_node_bench_names_a_missing_source(tmp_path):
 
 def test_camera_bench_serves_two_cameras_from_one_node(node_model, demo_video, capsys):
     code = camera_bench.main(["--source", str(demo_video), "--model", str(node_model), "--cameras", "2",
-                              "--layouts", "shared", "--rate", "2", "--seconds", "4", "--warmup-seconds", "3",
+                              "--layouts", "shared", "--rate", "2", "--seconds", "8", "--warmup-seconds", "3",
                               "--json"])
     assert code == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["layout"] == "shared" and row["cameras"] == 2 and row["processes"] == 1
-    # both cameras got labels from the one node, each within what it published
+    # both cameras got labels from the one node, each within what it published (8 s, not 4: CI once
+    # saw a camera with no labels in a 4 s window on the loaded 2-core machine)
     assert set(row["labelled_hz_per_camera"]) == {"cam0", "cam1"}
-    assert 0 < row["min_labelled_hz"] <= row["published_per_camera"] / row["seconds"] + 0.5
+    assert 0 < row["min_labelled_hz"] <= row["published_per_camera"] / row["seconds"] + 0.5, row
     assert row["unlabelled_per_camera"] == {"cam0": 0, "cam1": 0}  # real frames: none rejected or failed
     assert row["latency_ms_p95"] >= row["latency_ms_p50"] > 0 and row["rss_mb_total"] > 100
