@@ -78,8 +78,14 @@ def run(args: argparse.Namespace) -> dict:
     return {"input": f"{args.width}x{args.height} bgr8", **overhead, **flood}
 
 
-def _latest_status(probe: Probe):
-    return [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")][-1]
+def _latest_status(probe: Probe, wait_s: float = 10.0):
+    """The node's newest diagnostics status; waits for one (they come on a timer, so a run that labels its
+    frames quickly can end before the first arrives), and says so if none comes."""
+    def statuses():
+        return [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")]
+    if not wait_for(lambda: bool(statuses()), wait_s):
+        raise SystemExit(f"the node published no diagnostics on /diagnostics within {wait_s:.0f} s")
+    return statuses()[-1]
 
 
 def _overhead(probe: Probe, camera, messages: list, args: argparse.Namespace) -> dict:
