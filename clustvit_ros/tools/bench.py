@@ -162,9 +162,9 @@ def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dty
 
 def _trained_cluster_classes(model: ClustViT) -> tuple[int, ...]:
     """The fixed cluster classes the model trained with (the oracle's targets then), or () for per-image ranks."""
+    from .train import cluster_class_ids  # training's own name check, not a second copy of it
     settings = (getattr(model, "checkpoint_info", None) or {}).get("training", {}).get("settings", {})
-    names = settings.get("cluster_classes") or ()
-    return tuple(model.config.class_names.index(name) for name in names if name in model.config.class_names)
+    return cluster_class_ids(model.config, tuple(settings.get("cluster_classes") or ()))
 
 
 def timm_reference_forward(model: ClustViT, images: torch.Tensor) -> torch.Tensor:
