@@ -96,7 +96,7 @@ def test_lifecycle_transitions_topics_and_memory(ros, node_model, street_frames)
         assert camera.get_subscription_count() == 0  # nothing subscribed before activation
         frame = image_message(cv2.resize(street_frames[0], (160, 120)), stamp_ns=1 * 10 ** 9)
         cleaned = []
-        for cycle in range(3):
+        for cycle in range(4):
             assert lifecycle.transition(Transition.TRANSITION_CONFIGURE) and lifecycle.state() == "inactive"
             loaded_mb = _rss_mb(process.process.pid, "RssAnon")
             assert loaded_mb > idle_mb + 10, (idle_mb, loaded_mb)  # the model is in memory now
@@ -106,20 +106,25 @@ def test_lifecycle_transitions_topics_and_memory(ros, node_model, street_frames)
             frame.header.stamp.sec = 10 + cycle
             labels = _answer(ros, "/clustvit_lc/labels", camera, frame)
             assert (labels.width, labels.height) == (160, 120)
+            serving_mb = _rss_mb(process.process.pid, "RssAnon")  # model plus what inference keeps
             assert lifecycle.transition(Transition.TRANSITION_DEACTIVATE) and lifecycle.state() == "inactive"
             assert wait_for(lambda: camera.get_subscription_count() == 0, 20)
             assert lifecycle.transition(Transition.TRANSITION_CLEANUP) and lifecycle.state() == "unconfigured"
             cleaned_mb = _rss_mb(process.process.pid, "RssAnon")
             print(f"lifecycle cycle {cycle}: anonymous RSS unconfigured {idle_mb:.0f} MB, "
-                  f"configured {loaded_mb:.0f} MB,"
+                  f"configured {loaded_mb:.0f} MB, serving {serving_mb:.0f} MB,"
                   f" after cleanup {cleaned_mb:.0f} MB (total RSS {_rss_mb(process.process.pid):.0f} MB)")
             # The fp32 weights alone are 23 MB; glibc keeps some freed pages, so ask for 20 MB back.
-            assert cleaned_mb < loaded_mb - 20, (loaded_mb, cleaned_mb)
+            # Measured against the serving state: the first inference grows allocator arenas and
+            # oneDNN caches by ~10 MB that stay for the next activation, so "configured, before any
+            # frame" would charge that growth to cleanup (CI saw 447 -> 436 MB that way).
+            assert cleaned_mb < serving_mb - 20, (loaded_mb, serving_mb, cleaned_mb)
             cleaned.append(cleaned_mb)
-        # Nothing piles up from cycle to cycle: a model left behind would add its 23 MB each time. The
-        # first cycle's inference leaves allocator arenas that later cycles reuse, and the RSS while
-        # configured wanders by ~20 MB with page reuse, so compare after cleanup, once warmed up.
-        assert cleaned[2] < cleaned[1] + 10, cleaned
+        # Nothing piles up from cycle to cycle: a model left behind would add its 23 MB each time, 46 MB
+        # over the two cycles compared. The first cycle's inference leaves allocator arenas that later
+        # cycles reuse, and heap fragmentation moves the after-cleanup figure by up to ~10 MB a cycle,
+        # so compare after cleanup, once warmed up, over two cycles, against one model's size.
+        assert cleaned[3] < cleaned[1] + 23, cleaned
         assert lifecycle.transition(Transition.TRANSITION_CONFIGURE)
         assert lifecycle.transition(Transition.TRANSITION_INACTIVE_SHUTDOWN) and lifecycle.state() == "finalized"
     finally:
