@@ -63,6 +63,18 @@ class Health:
     rate_hz: float
     active: bool = True
     model_loaded: bool = True
+    publishers: int = 0  # publishers on the input topic (DDS discovery), whatever they deliver
+    listening_for: float = 0.0  # seconds since the node subscribed
+
+
+def _silent_publishers(health: Health) -> str:
+    """Why images may not arrive although a camera is on the topic: the most common cause, named."""
+    if health.publishers <= 0 or health.listening_for <= STALE_AFTER_S:  # a first frame may be on its way
+        return ""
+    # Measured on one machine with Fast DDS's defaults: best-effort raw frames above the writer's
+    # 512 KiB shared-memory segment (640x480 bgr8 is 900 KiB) never arrive, and no loss is reported.
+    return (f" although {health.publishers} publisher(s) are on it: raw frames over ~0.5 MB are lost whole "
+            "over best effort; use reliable QoS or compressed transport (README, Large raw images)")
 
 
 def judge(health: Health) -> tuple[int, str]:
@@ -76,9 +88,10 @@ def judge(health: Health) -> tuple[int, str]:
     if health.new_errors:
         return ERROR, health.last_error
     if health.last_received is None:
-        return WARN, f"waiting for images on {health.input_topics}"
+        return WARN, f"waiting for images on {health.input_topics}" + _silent_publishers(health)
     if health.now - health.last_received > STALE_AFTER_S:
-        return WARN, f"no images on {health.input_topics} for {health.now - health.last_received:.0f} s"
+        return WARN, (f"no images on {health.input_topics} for {health.now - health.last_received:.0f} s"
+                      + _silent_publishers(health))
     if health.transport_loss is not None and health.transport_loss > TRANSPORT_LOSS_WARN:
         return WARN, (f"{100 * health.transport_loss:.0f} % of frames lost between camera and node: for large raw "
                       "images use reliable QoS or compressed transport (README)")
@@ -144,7 +157,9 @@ class PipelineReporter:
             transport_loss=camera.losses.recent_fraction(),
             target_latency_ms=pipeline.runtime.target_latency_ms,
             latency_p95_ms=timings["total"][1] if "total" in timings else None, rate_hz=rate, active=pipeline.active,
-            model_loaded=pipeline.engine is not None)
+            model_loaded=pipeline.engine is not None,
+            publishers=pipeline.node.count_publishers(camera.input_topic) if pipeline.active and camera.input_topic
+            else 0, listening_for=now - pipeline.listening_since)
         level, message = judge(health)
         stats = camera.last_stats
         values: dict[str, Any] = {

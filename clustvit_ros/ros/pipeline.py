@@ -98,6 +98,7 @@ class SegmentationPipeline:
         self._runtime_declared = False
         self._last_handled = time.monotonic()
         self._busy_since: Optional[float] = None
+        self.listening_since = time.monotonic()
         self.threads = set_cpu_threads(settings.num_threads)
         self.reporter = diagnostics.PipelineReporter(self, node.create_publisher(DiagnosticArray, "/diagnostics", 10))
         self.timer = node.create_timer(settings.diagnostic_period, self.publish_diagnostics)
@@ -128,7 +129,7 @@ class SegmentationPipeline:
         for camera in self.cameras:
             camera.subscribe(self.node, self.settings.input_transport, self._on_frame)
         self._start_worker()
-        self.active = True
+        self.active, self.listening_since = True, time.monotonic()
         topics = ", ".join(camera.input_topic for camera in self.cameras)
         self.node.get_logger().info(f"listening on {topics} ({self.settings.input_transport})")
 

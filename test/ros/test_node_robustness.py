@@ -290,6 +290,30 @@ def test_peer_strings_are_bounded_in_logs_and_diagnostics(ros, raw_node):
     assert "e" * 1000 not in process.log()
 
 
+def test_a_camera_on_the_topic_whose_frames_never_arrive_is_named(ros, node_model, street_frames):
+    """A publisher is matched but nothing arrives (what best-effort raw frames over ~0.5 MB do with
+    Fast DDS's defaults: 640x480 bgr8 never arrived here, and no loss is counted): the status says
+    a camera is there and why its frames may be lost, not only "waiting"."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from sensor_msgs.msg import Image
+    ros.listen(Image, "/clustvit_silent/labels")
+    ros.listen(DiagnosticArray, "/clustvit_silent/frame_stats")
+    process, camera = _start(ros, node_model, "/clustvit_silent", "/silent/image", Image)
+    try:
+        def hint():
+            status = _latest_status(ros, "/clustvit_silent", time.monotonic() - 1.0)
+            return status is not None and "1 publisher(s) are on it" in status.message
+
+        assert wait_for(hint, 30), _fresh_status(ros, "/clustvit_silent").message
+        status = _fresh_status(ros, "/clustvit_silent")
+        assert status.level == DiagnosticStatus.WARN and "reliable QoS or compressed" in status.message
+        frame = image_message(cv2.resize(street_frames[0], (96, 64)), stamp_ns=90_000 * 10 ** 9)
+        assert _answer(ros, "/clustvit_silent", camera, frame)[0] == "labels"
+        assert wait_for(lambda: _fresh_status(ros, "/clustvit_silent").level == DiagnosticStatus.OK, 10)
+    finally:
+        assert process.stop() == 0, process.log()
+
+
 # -- signals ----------------------------------------------------------------------------------------
 def _busy(camera, frames, stop_after: float) -> None:
     end = time.monotonic() + stop_after
