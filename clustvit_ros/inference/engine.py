@@ -162,7 +162,11 @@ class SegmentationEngine:
     def describe_strategy(self) -> str:
         """'clustvit (threshold 0.27)': the active strategy for logs."""
         knob = self.knob
-        return self.strategy.name if knob is None else f"{self.strategy.name} ({knob.name} {self.knob_value:g})"
+        if knob is None:
+            return self.strategy.name
+        floors = getattr(self.model.config, "cluster_floors", None) if self.strategy.name == "clustvit" else None
+        raised = f"; per-cluster floors {' '.join(f'{v:g}' for v in floors)}" if floors else ""
+        return f"{self.strategy.name} ({knob.name} {self.knob_value:g}{raised})"
 
     # -- pipeline ------------------------------------------------------------------
     def network_shape(self, height: int, width: int) -> tuple[int, int]:

@@ -107,6 +107,11 @@ class ModelConfig:
     input_size: tuple[int, int] = (360, 480)
     ignore_index: int = 11
     default_merge_threshold: float = 0.5
+    # Per cluster (in cluster order), the least probability a token needs to merge into it,
+    # whatever the threshold knob says: the threshold used is max(knob, floor). Empty: none.
+    # On a held-out drive road-like tokens (pavement, grass) are far less sure of the road
+    # cluster than road is, and merging them there is what costs mIoU (models/README.md).
+    cluster_floors: list[float] = field(default_factory=list)
     # Free-form provenance: training data, recipe, metrics.
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -153,8 +158,22 @@ class ModelConfig:
         knob = CLUSTVIT_STRATEGY.knob  # the threshold's range has one source: ClustViT's knob
         _check(_is_number(self.default_merge_threshold) and knob.low <= self.default_merge_threshold <= knob.high,
                "default_merge_threshold", self.default_merge_threshold, f"a number in [{knob.low:g}, {knob.high:g}]")
+        _check(isinstance(self.cluster_floors, (list, tuple)) and len(self.cluster_floors) in (0, self.clusters)
+               and all(_is_number(v) and 0.0 <= v <= 1.0 for v in self.cluster_floors),
+               "cluster_floors", self.cluster_floors,
+               f"no values, or {self.clusters} numbers in [0, 1] (one per cluster)")
         _check(isinstance(self.info, dict) and _depth(self.info) <= MAX_INFO_DEPTH, "info", self.info,
                f"a JSON object nested at most {MAX_INFO_DEPTH} deep")
+
+    def set_cluster_floors(self, floors: Any) -> None:
+        """Replace the per-cluster floors (all zero: none); ValueError, unchanged, if they do not fit."""
+        floors = [float(v) for v in floors] if isinstance(floors, (list, tuple)) else floors
+        if isinstance(floors, list) and not any(floors):
+            floors = []
+        _check(isinstance(floors, list) and len(floors) in (0, self.clusters)
+               and all(0.0 <= v <= 1.0 for v in floors), "cluster_floors", floors,
+               f"{self.clusters} numbers in [0, 1] (one per cluster of this model)")
+        self.cluster_floors = floors
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -47,6 +47,7 @@ class BenchSettings:
     height: Optional[int] = None
     width: Optional[int] = None
     merge_threshold: Optional[float] = None
+    cluster_floors: Optional[tuple[float, ...]] = None  # None: the model's (ModelConfig.cluster_floors)
     oracle_clusters: bool = False
     # The untrained model (no --model) is built with the model's defaults.
     clusters: int = ModelConfig.clusters
@@ -277,6 +278,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     data_info = _frames(settings)
     model = _load_model(settings, len(data_info.class_names), data_info.class_names, data_info.palette,
                         data_info.ignore_index)
+    if settings.cluster_floors is not None:
+        model.config.set_cluster_floors(settings.cluster_floors)
     precision = resolve_precision(settings.precision, device)
     dtype = precision.dtype
     model = model.to(device, dtype)
@@ -345,6 +348,7 @@ def merged_vs_unmerged(model: ClustViT, name: str, knob: Optional[float], sample
         "oracle_clusters": settings.oracle_clusters,
         "unlabelled": settings.unlabelled,
         "merge_threshold": described.get("threshold"),
+        "cluster_floors": list(model.config.cluster_floors),
         "model": settings.model or "untrained ClustViT (backbone from shared weights)",
         "torch_threads": torch.get_num_threads(),
         "flop_convention": FLOP_CONVENTION,

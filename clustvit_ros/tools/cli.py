@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from ..inference.devices import PRECISIONS
 from ..model.checkpoint import CheckpointError
-from .arguments import at_least_one
+from .arguments import add_cluster_floors, at_least_one
 from .bench import BenchSettings as BENCH
 from .data import DatasetError
 from .train import TrainSettings as TRAIN
@@ -115,6 +115,7 @@ def _add_eval(commands) -> None:
                           help="leave out frames whose file stem matches; repeatable")
     evaluate.add_argument("--list", dest="frame_list", help="text file naming the frames (one per line)")
     evaluate.add_argument("--merge-threshold", type=float, help="ClustViT's knob (the same as --knob for clustvit)")
+    add_cluster_floors(evaluate, "measure with these floors")
     evaluate.add_argument("--merge-rule", choices=("threshold", "argmax"), default="threshold",
                           help="argmax: the paper's decision (most probable of keep + k clusters), no threshold")
     evaluate.add_argument("--strategy", help="token reduction (default: the model's: clustvit, or none)")
@@ -140,6 +141,7 @@ def _add_bench(commands) -> None:
     bench.add_argument("--height", type=int)
     bench.add_argument("--width", type=int)
     bench.add_argument("--merge-threshold", type=float, help="ClustViT's knob (the same as --knob for clustvit)")
+    add_cluster_floors(bench, "measure with these floors")
     bench.add_argument("--strategy", default="clustvit",
                        help="token reduction to measure against the plain ViT, or 'all' for the comparison table")
     bench.add_argument("--knob", type=float, help="the strategy's knob (clustvit: the merge threshold)")
@@ -175,6 +177,7 @@ def _add_export(commands) -> None:
     export.add_argument("--out", required=True)
     export.add_argument("--half", action="store_true", help="store weights in fp16 (loaded as fp32 on CPU)")
     export.add_argument("--merge-threshold", type=float, help="new default merge threshold")
+    add_cluster_floors(export, "new floors (all 0 removes them)")
     export.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="new inference size")
     export.add_argument("--info", help="JSON file merged into the checkpoint's metadata")
     export.add_argument("--last-epoch", action="store_true",
@@ -266,6 +269,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     knob = knob_argument(args, engine.strategy.name)
     if knob is not None:
         engine.knob_value = knob
+    if args.cluster_floors is not None:
+        engine.model.config.set_cluster_floors(args.cluster_floors)
     if args.merge_rule == "argmax":
         if engine.strategy.name != "clustvit":
             raise ValueError("--merge-rule argmax is ClustViT's rule; the strategy is " + engine.strategy.name)
@@ -301,6 +306,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.merge_threshold is not None:
         from ..model.reduction import strategy_spec
         model.config.default_merge_threshold = strategy_spec("clustvit").knob.validate(args.merge_threshold)
+    if args.cluster_floors is not None:
+        model.config.set_cluster_floors(args.cluster_floors)
     if args.input_size:
         model.config.input_size = tuple(args.input_size)
     if args.info:

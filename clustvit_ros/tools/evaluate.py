@@ -50,6 +50,7 @@ def evaluate(engine: SegmentationEngine, data: SegmentationData, progress: bool 
         "mean_tokens_after_merge": float(np.mean(tokens_after)) if tokens_after else 0.0,
         "merged_fraction": float(np.sum(merged) / np.sum(tokens_in)) if tokens_in else 0.0,
         "strategy": engine.model.reduction.describe(),
+        "cluster_floors": list(getattr(engine.model.config, "cluster_floors", [])),
         "inference_size": engine.inference_size,
         "per_prefix": {
             name: {**group["confusion"].summary(data.class_names), "images": group["images"],

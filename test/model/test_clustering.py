@@ -86,6 +86,47 @@ def test_assign_clusters_threshold_rule():
     assert assign_clusters(probabilities, None).tolist() == [1, 0, 3]  # the paper's argmax
 
 
+def test_cluster_floors_raise_the_threshold_per_cluster():
+    probabilities = torch.tensor([[0.10, 0.60, 0.20, 0.10],   # cluster 1 at p=0.6
+                                  [0.05, 0.92, 0.02, 0.01],   # cluster 1, sure
+                                  [0.05, 0.30, 0.30, 0.35],   # cluster 3, unsure
+                                  [0.30, 0.05, 0.60, 0.05]])  # cluster 2 at p=0.6
+    floors = torch.tensor([0.9, 0.0, 0.0])  # cluster 1 (road, say) needs 0.9 whatever the knob
+    assert assign_clusters(probabilities, 0.5, floors).tolist() == [0, 1, 0, 2]
+    assert assign_clusters(probabilities, 0.0, floors).tolist() == [0, 1, 3, 2]  # the floor holds at 0
+    assert assign_clusters(probabilities, 0.95, floors).tolist() == [0, 0, 0, 0]  # a higher knob wins
+    assert assign_clusters(probabilities, 1.0, floors).tolist() == [0, 0, 0, 0]
+    assert assign_clusters(probabilities, None, floors).tolist() == [1, 1, 3, 2]  # argmax: no threshold
+    # Zero floors are no floors, at any knob.
+    for threshold in (0.0, 0.35, 0.5, 0.7):
+        assert (assign_clusters(probabilities, threshold, torch.zeros(3)).tolist()
+                == assign_clusters(probabilities, threshold).tolist())
+
+
+def test_model_floors_merge_less_and_stay_monotonic(untrained_model, val_samples):
+    """The model's own floors are what ClusterMerging applies, on real frames, and the knob stays monotone."""
+    image = normalise(val_samples[1][0])
+    thresholds = [round(float(t), 2) for t in np.linspace(0.0, 1.0, 11)]
+    floors = [0.6, 0.0, 0.6]
+    try:
+        with torch.inference_mode():
+            plain = [untrained_model(image, ClusterMerging(t)).stats.merged_tokens[0] for t in thresholds]
+            untrained_model.config.set_cluster_floors(floors)
+            strategy = ClusterMerging(0.0)
+            floored = []
+            for threshold in thresholds:
+                strategy.threshold = threshold  # one strategy object, as the node's runtime knob does
+                output = untrained_model(image, strategy)
+                floored.append(output.stats.merged_tokens[0])
+    finally:
+        untrained_model.config.set_cluster_floors([])
+    assert all(a >= b for a, b in zip(floored, floored[1:])), floored
+    assert all(f <= p for f, p in zip(floored, plain)), (floored, plain)
+    assert floored[0] < plain[0] == untrained_model(image, NoReduction()).stats.tokens_in
+    # Above every floor the floors change nothing.
+    assert floored[thresholds.index(0.7):] == plain[thresholds.index(0.7):]
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_reduce_restore_puts_every_token_back_exactly(untrained_model, batched):
     model = untrained_model

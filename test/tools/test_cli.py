@@ -97,6 +97,35 @@ def test_export_half_with_new_defaults(untrained_checkpoint, camvid, tmp_path):
     assert json.loads(result.stdout)["inference_size"] == 640
 
 
+def test_cluster_floors_are_measured_exported_and_refused_when_wrong(untrained_checkpoint, camvid, tmp_path):
+    common = ("--data", camvid, "--limit", "2", "--device", "cpu", "--merge-threshold", "0.0", "--json")
+    plain = json.loads(clustvit("eval", "--model", untrained_checkpoint, *common).stdout)
+    floored = json.loads(clustvit("eval", "--model", untrained_checkpoint, *common,
+                                  "--cluster-floors", "0.9", "0", "0.9").stdout)
+    assert plain["cluster_floors"] == [] and floored["cluster_floors"] == [0.9, 0.0, 0.9]
+    assert floored["merged_fraction"] < plain["merged_fraction"] == 1.0
+    # Exported floors are the model's from then on: eval, bench and the engine use them.
+    out = tmp_path / "floored.safetensors"
+    clustvit("export", "--model", untrained_checkpoint, "--out", out, "--cluster-floors", "0.9", "0", "0.9")
+    assert read_metadata(out)[0].cluster_floors == [0.9, 0.0, 0.9]
+    again = json.loads(clustvit("eval", "--model", out, *common).stdout)
+    assert again["merged_fraction"] == floored["merged_fraction"]
+    bench = json.loads(clustvit("bench", "--model", out, "--data", camvid, "--limit", "1", "--repeats", "1",
+                                "--warmup", "0", "--device", "cpu", "--merge-threshold", "0", "--json").stdout)
+    assert bench["cluster_floors"] == [0.9, 0.0, 0.9] and bench["merged_fraction"] < 1.0
+    # All zero removes them.
+    clustvit("export", "--model", out, "--out", out, "--cluster-floors", "0", "0", "0")
+    assert read_metadata(out)[0].cluster_floors == []
+    # One floor per cluster, each a probability: refused with the reason, nothing written.
+    for bad, reason in ((("0.9",), "3 numbers in [0, 1] (one per cluster of this model)"),
+                        (("0.9", "0", "1.5"), "1.5: must be in [0, 1]"),
+                        (("nan", "0", "0"), "nan: must be in [0, 1]")):
+        result = clustvit("export", "--model", untrained_checkpoint, "--out", tmp_path / "bad.safetensors",
+                          "--cluster-floors", *bad, check=False)
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+        assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_eval_with_another_strategy_and_the_paper_rule(untrained_checkpoint, camvid):
     result = clustvit("eval", "--model", untrained_checkpoint, "--data", camvid, "--limit", "1",
                       "--strategy", "tome", "--knob", "0.2", "--device", "cpu", "--json")

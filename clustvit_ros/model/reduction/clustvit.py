@@ -17,19 +17,26 @@ import torch.nn.functional as F
 from .base import KnobSpec, ReductionState, ReductionStats, SegmentationBackbone, StrategySpec, TokenReduction
 
 
-def assign_clusters(probabilities: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+def assign_clusters(probabilities: torch.Tensor, threshold: Optional[float],
+                    floors: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Merge decision per token: 0 = keep, c in 1..k = merge into cluster c.
 
     With a threshold, a token merges into its most probable cluster c when
-    p(c) >= threshold (thresholds >= 1 merge nothing). ``None`` is the paper's
-    rule: argmax over all k+1 classes.
+    p(c) >= threshold (thresholds >= 1 merge nothing). ``floors`` (k,) raise
+    the threshold per cluster: p(c) >= max(threshold, floors[c]), so merging
+    still only grows as the threshold falls. ``None`` is the paper's rule:
+    argmax over all k+1 classes.
     """
     if threshold is None:
         return probabilities.argmax(-1)
     if threshold >= 1.0:
         return torch.zeros(probabilities.shape[:-1], dtype=torch.long, device=probabilities.device)
     best, cluster = probabilities[..., 1:].max(-1)
-    return torch.where(best >= threshold, cluster + 1, torch.zeros_like(cluster))
+    if floors is None:
+        needed = threshold
+    else:
+        needed = floors.to(device=best.device, dtype=best.dtype).clamp(min=threshold)[cluster]
+    return torch.where(best >= needed, cluster + 1, torch.zeros_like(cluster))
 
 
 @dataclass
@@ -47,6 +54,9 @@ class ClusterState(ReductionState):
 
 class ClusterMerging(TokenReduction):
     """ClustViT's strategy. Knob: ``threshold`` (0 merges all, >= 1 merges none).
+
+    The model's ``config.cluster_floors`` (if any) raise the threshold per
+    cluster (``assign_clusters``).
 
     ``assignment`` (B, N) overrides the learned decision (oracle clusters from
     ground truth, used to benchmark the speed path before any training).
@@ -66,6 +76,18 @@ class ClusterMerging(TokenReduction):
         self.threshold = threshold
         self.assignment = assignment
         self.bucket = bucket
+        # The model's floors on the device they are used on, with the host values they were made
+        # from: comparing those costs no device sync (the batch-1 path allows one per frame).
+        self._floors: Optional[tuple[tuple[float, ...], torch.device, torch.Tensor]] = None
+
+    def floors_for(self, model: SegmentationBackbone, device: torch.device) -> Optional[torch.Tensor]:
+        """The model's per-cluster floors as a tensor on ``device`` (copied once, not every frame)."""
+        floors = tuple(float(v) for v in (getattr(model.config, "cluster_floors", ()) or ()))
+        if not floors:
+            return None
+        if self._floors is None or self._floors[:2] != (floors, device):
+            self._floors = (floors, device, torch.tensor(floors, dtype=torch.float32, device=device))
+        return self._floors[2]
 
     def start_block(self, model: SegmentationBackbone) -> int:
         if model.cluster_head is None:
@@ -90,7 +112,7 @@ class ClusterMerging(TokenReduction):
         elif self.threshold is None:
             assignment = logits.argmax(-1)
         else:
-            assignment = assign_clusters(logits.softmax(-1), self.threshold)
+            assignment = assign_clusters(logits.softmax(-1), self.threshold, self.floors_for(model, x.device))
         clusters = model.config.clusters
         if x.shape[0] == 1:
             x_reduced, state = _reduce_single(x, assignment[0], clusters)
