@@ -6,6 +6,7 @@
 # schedule (last epoch of EMA weights: nothing picked on frames the model trained on) and export.
 # Resumable: run it again after an interruption. On a GPU: DEVICE=cuda (torchrun for several).
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FINAL_EPOCHS=30 FOLDS="0006R0 0001TP 0016E5" scripts/train_by_drive.sh
+# PRECISION=bf16 autocasts (GPUs, and CPUs with bf16 matrix units); RUNS names the folder (runs/by_drive).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
@@ -14,12 +15,14 @@ epochs="${EPOCHS:-40}"
 final_epochs="${FINAL_EPOCHS:-30}"
 folds=(${FOLDS:-0006R0 0001TP 0016E5})
 max_cost="${MAX_COST:-0.5}"
-out="${OUT:-runs/by_drive/clustvit_tiny_camvid_all_drives.safetensors}"
-recipe=("${by_drive_recipe[@]}" --keep last --device "$device" --init-backbone "$backbone" --resume)
-mkdir -p runs/by_drive
+runs="${RUNS:-runs/by_drive}"
+out="${OUT:-$runs/clustvit_tiny_camvid_all_drives.safetensors}"
+recipe=("${by_drive_recipe[@]}" --keep last --device "$device" --init-backbone "$backbone" --resume
+        --precision "${PRECISION:-fp32}")
+mkdir -p "$runs"
 sweeps=()
 for drive in "${folds[@]}"; do
-  fold="runs/by_drive/fold_$drive"
+  fold="$runs/fold_$drive"
   if [ ! -f "$fold.done" ]; then
     "$clustvit" train --data "$data" --out "$fold.safetensors" "${recipe[@]}" --epochs "$epochs" \
       --train-split train,val --train-exclude "${drive}_*" --val-split train,val --val-include "${drive}_*" --val-every 10
@@ -33,15 +36,15 @@ for drive in "${folds[@]}"; do
   fi
   sweeps+=("${fold}_sweep.json")
 done
-.venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" | tee runs/by_drive/folds.txt
-.venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" --json > runs/by_drive/folds.json
-threshold=$(.venv/bin/python -c 'import json; t = json.load(open("runs/by_drive/folds.json"))["chosen_threshold"]; print(1.0 if t is None else t)')
-all="runs/by_drive/all_drives"
+.venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" | tee "$runs/folds.txt"
+.venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" --json > "$runs/folds.json"
+threshold=$(.venv/bin/python -c 'import json, sys; t = json.load(open(sys.argv[1]))["chosen_threshold"]; print(1.0 if t is None else t)' "$runs/folds.json")
+all="$runs/all_drives"
 if [ ! -f "$all.done" ]; then
   "$clustvit" train --data "$data" --out "$all.safetensors" "${recipe[@]}" --epochs "$final_epochs" \
     --train-split train,val --val-split none
   touch "$all.done"
 fi
 "$clustvit" export --model "$all.safetensors" --out "$out" --half --merge-threshold "$threshold" \
-  --input-size 480 640 --info runs/by_drive/folds.json
-echo "wrote $out (default threshold $threshold, chosen on held-out drives: runs/by_drive/folds.txt)"
+  --input-size 480 640 --info "$runs/folds.json"
+echo "wrote $out (default threshold $threshold, chosen on held-out drives: $runs/folds.txt)"

@@ -97,7 +97,8 @@ def _add_train_recipe(train) -> None:
     train.add_argument("--weight-decay", type=float, default=TRAIN.weight_decay)
     train.add_argument("--drop-path", type=float, default=TRAIN.drop_path, help="stochastic depth rate")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=TRAIN.precision,
-                       help="bf16/fp16: autocast on CUDA (fp32 on the CPU)")
+                       help="bf16: autocast on CUDA, or on a CPU with bf16 matrix units (AVX512-BF16/AMX), "
+                            "where it is about 1.5x faster; fp16: autocast on CUDA only")
     train.add_argument("--workers", type=int, default=TRAIN.workers)
     train.add_argument("--seed", type=int, default=TRAIN.seed)
     train.add_argument("--device", default=TRAIN.device)

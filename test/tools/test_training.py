@@ -162,3 +162,45 @@ def test_distillation_loss_is_kl_over_labelled_pixels():
     wrong_on_void = teacher.clone()
     wrong_on_void[:, :, :4] = torch.randn(2, 5, 4, 8)
     assert distillation_loss(wrong_on_void, teacher, masks, 255).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path, tiny_dataset, backbone_file):
+    """--precision bf16 on the CPU (fast where the CPU has bf16 matrix units): it learns as fp32 does."""
+    settings = _settings(tiny_dataset, tmp_path / "bf16.safetensors", backbone_file, epochs=8)
+    settings.precision = "bf16"
+    lines = []
+    best = train(settings, log=lines.append)
+    assert any(line.startswith("bf16 autocast on the CPU: bf16 matrix products") for line in lines), lines
+    history = read_training_state(settings.state_path())["history"]
+    losses = [r["loss"] for r in history]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.6 * losses[0], losses
+    assert best["miou"] > history[0]["val_miou"]
+    model = load_checkpoint(settings.out)  # stored as fp32 weights, loadable like any checkpoint
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+
+    settings = _settings(tiny_dataset, tmp_path / "fp16.safetensors", backbone_file, epochs=1)
+    settings.precision = "fp16"
+    with pytest.raises(ValueError, match="fp16 autocast training needs a CUDA device"):
+        train(settings, log=lambda _: None)
+    assert not settings.state_path().exists()
+
+
+def test_matmul_attention_computes_what_the_fused_kernel_does(backbone_file, val_samples):
+    """use_matmul_attention (bf16 training on the CPU) changes how attention runs, not what it gives."""
+    from clustvit_ros.model import ClusterMerging, ModelConfig, build_model
+    from clustvit_ros.model.config import CAMVID_CLASSES, CAMVID_PALETTE
+    from clustvit_ros.tools.data import to_tensor
+    from clustvit_ros.tools.train import use_matmul_attention
+
+    config = ModelConfig.for_dataset(list(CAMVID_CLASSES), list(CAMVID_PALETTE), ignore_index=11)
+    model = build_model(config, str(backbone_file)).eval()
+    rgb = val_samples[0][0]
+    image = to_tensor(rgb, config.mean, config.std)[None]
+    with torch.no_grad():
+        fused = model(image, ClusterMerging(0.3))
+        changed = use_matmul_attention(model)
+        assert changed == len(model.backbone.blocks) + len(model.decode_head.blocks)
+        assert use_matmul_attention(model) == 0  # nothing left to change
+        unfused = model(image, ClusterMerging(0.3))
+    assert unfused.stats.tokens_after == fused.stats.tokens_after
+    torch.testing.assert_close(unfused.logits, fused.logits, atol=2e-4, rtol=1e-4)
