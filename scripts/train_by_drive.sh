@@ -7,6 +7,9 @@
 # Resumable: run it again after an interruption. On a GPU: DEVICE=cuda (torchrun for several).
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FINAL_EPOCHS=30 FOLDS="0006R0 0001TP 0016E5" scripts/train_by_drive.sh
 # PRECISION=bf16 autocasts (GPUs, and CPUs with bf16 matrix units); RUNS names the folder (runs/by_drive).
+# FLOOR_SETTINGS="0.9,0,0 0.8,0,0" also sweeps each held-out drive with those per-cluster floors
+# (bench --cluster-floors); tools/folds.py then picks the floors and threshold that merge the most
+# within MAX_COST, and the export carries them.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
@@ -28,23 +31,35 @@ for drive in "${folds[@]}"; do
       --train-split train,val --train-exclude "${drive}_*" --val-split train,val --val-include "${drive}_*" --val-every 10
     touch "$fold.done"
   fi
-  if [ ! -f "${fold}_sweep.json" ]; then
-    "$clustvit" bench --model "$fold.safetensors" --data "$data" --split train,val --include "${drive}_*" \
-      --sweep-threshold --eval-limit 1000 --limit 16 --repeats 2 --device "$device" \
-      --plot "${fold}_sweep.png" --json > "${fold}_sweep.json.part"
-    mv "${fold}_sweep.json.part" "${fold}_sweep.json"
-  fi
-  sweeps+=("${fold}_sweep.json")
+  # The plain threshold sweep ("none": the model's own floors, none in training), then one per floor setting.
+  for floors in none ${FLOOR_SETTINGS:-}; do
+    if [ "$floors" = none ]; then
+      sweep="${fold}_sweep.json" floor_options=()
+    else
+      # shellcheck disable=SC2206  # the floors are words
+      sweep="${fold}_sweep_floors_${floors//,/-}.json" floor_options=(--cluster-floors ${floors//,/ })
+    fi
+    if [ ! -f "$sweep" ]; then
+      "$clustvit" bench --model "$fold.safetensors" --data "$data" --split train,val --include "${drive}_*" \
+        --sweep-threshold --eval-limit 1000 --limit 16 --repeats 2 --device "$device" "${floor_options[@]}" \
+        --plot "${sweep%.json}.png" --json > "$sweep.part"
+      mv "$sweep.part" "$sweep"
+    fi
+    sweeps+=("$sweep")
+  done
 done
 .venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" | tee "$runs/folds.txt"
 .venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" --json > "$runs/folds.json"
 threshold=$(.venv/bin/python -c 'import json, sys; t = json.load(open(sys.argv[1]))["chosen_threshold"]; print(1.0 if t is None else t)' "$runs/folds.json")
+# The chosen floors, or all zeros (none) for the export; the recipe's k is 3.
+floors=$(.venv/bin/python -c 'import json, sys; f = json.load(open(sys.argv[1]))["cluster_floors"]; print(*(f or [0] * int(sys.argv[2])))' "$runs/folds.json" 3)
 all="$runs/all_drives"
 if [ ! -f "$all.done" ]; then
   "$clustvit" train --data "$data" --out "$all.safetensors" "${recipe[@]}" --epochs "$final_epochs" \
     --train-split train,val --val-split none
   touch "$all.done"
 fi
+# shellcheck disable=SC2086  # the floors are words
 "$clustvit" export --model "$all.safetensors" --out "$out" --half --merge-threshold "$threshold" \
-  --input-size 480 640 --info "$runs/folds.json"
-echo "wrote $out (default threshold $threshold, chosen on held-out drives: $runs/folds.txt)"
+  --cluster-floors $floors --input-size 480 640 --info "$runs/folds.json"
+echo "wrote $out (default threshold $threshold, floors $floors, chosen on held-out drives: $runs/folds.txt)"

@@ -5,6 +5,11 @@ did not train on) holds one row per threshold. The default threshold of a model 
 every drive is chosen here, from held-out drives only: the most merging (lowest threshold)
 whose mean held-out mIoU stays within ``max_cost`` of merging off (threshold 1).
 
+Sweeps measured with per-cluster floors (``bench --cluster-floors``; the file records them) are
+grouped by their floors, one sweep per fold in each group: every group chooses its threshold by
+that rule, and the group whose choice merges the most (mean merged fraction) wins. Floors only
+raise the threshold, so all groups share one merging-off point.
+
     python -m clustvit_ros.tools.folds runs/fold_0006R0_sweep.json runs/fold_0001TP_sweep.json ...
 """
 from __future__ import annotations
@@ -20,10 +25,17 @@ import numpy as np
 
 def read_sweep(path: str | Path) -> dict[float, dict]:
     """Threshold -> sweep row of one bench JSON file (errors name the file)."""
+    return read_sweep_file(path)[0]
+
+
+def read_sweep_file(path: str | Path) -> tuple[dict[float, dict], tuple[float, ...]]:
+    """(threshold -> sweep row, the per-cluster floors it was measured with; () for none)."""
     try:
-        rows = json.loads(Path(path).read_text())["sweep"]
-        return {float(row["merge_threshold"]): row for row in rows}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        result = json.loads(Path(path).read_text())
+        rows = {float(row["merge_threshold"]): row for row in result["sweep"]}
+        floors = tuple(float(v) for v in result.get("cluster_floors") or ())
+        return rows, floors
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a `clustvit bench --sweep-threshold --json` result ({exc})") from None
 
 
@@ -56,6 +68,37 @@ def choose_threshold(rows: Sequence[dict], max_cost: float = 0.5) -> Optional[fl
     return min(accepted) if accepted else None
 
 
+def choose_setting(paths: Sequence[str | Path], max_cost: float = 0.5) -> dict:
+    """Group the sweeps by floors, choose each group's threshold, keep the group that merges the most.
+
+    Returns the winner's ``cluster_floors``, ``chosen_threshold`` (None: nothing within the cost)
+    and ``rows``, with every group's ``candidates`` (floors, threshold, merged fraction, mIoU).
+    """
+    groups: dict[tuple[float, ...], list[dict[float, dict]]] = {}
+    for path in paths:
+        rows, floors = read_sweep_file(path)
+        groups.setdefault(floors, []).append(rows)
+    counts = {floors: len(sweeps) for floors, sweeps in groups.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError("each floor setting needs one sweep per fold; got "
+                         + ", ".join(f"{_show(f)}: {n}" for f, n in counts.items()))
+    candidates = []
+    for floors, sweeps in groups.items():
+        rows = mean_over_folds(sweeps)
+        threshold = choose_threshold(rows, max_cost)
+        row = next((r for r in rows if r["merge_threshold"] == threshold), None)
+        candidates.append({"cluster_floors": list(floors), "chosen_threshold": threshold, "rows": rows,
+                           "merged_fraction": row["merged_fraction"] if row else 0.0,
+                           "miou": row["miou"] if row else None})
+    # The most merging wins; on a tie, the setting listed first (no floors, when given first).
+    best = max(candidates, key=lambda c: c["merged_fraction"])
+    return {**best, "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in candidates]}
+
+
+def _show(floors: Sequence[float]) -> str:
+    return "floors " + " ".join(f"{v:g}" for v in floors) if floors else "no floors"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clustvit_ros.tools.folds", description=__doc__.split("\n")[0])
     parser.add_argument("sweeps", nargs="+", help="one bench --sweep-threshold --json file per held-out drive")
@@ -63,15 +106,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        rows = mean_over_folds([read_sweep(path) for path in args.sweeps])
-        chosen = choose_threshold(rows, args.max_cost)
+        setting = choose_setting(args.sweeps, args.max_cost)
     except ValueError as exc:
         print(f"folds: error: {exc}", file=sys.stderr)
         return 2
+    rows, chosen, floors = setting["rows"], setting["chosen_threshold"], setting["cluster_floors"]
     if args.json:
-        print(json.dumps({"held_out_drive_sweep": rows, "chosen_threshold": chosen, "max_cost_miou": args.max_cost,
+        print(json.dumps({"held_out_drive_sweep": rows, "chosen_threshold": chosen, "cluster_floors": floors,
+                          "candidates": setting["candidates"], "max_cost_miou": args.max_cost,
                           "held_out_sweep_files": list(args.sweeps)}, indent=1))
         return 0
+    if len(setting["candidates"]) > 1:
+        for candidate in setting["candidates"]:
+            merged = f"{candidate['merged_fraction']:.3f} merged" if candidate["chosen_threshold"] is not None else ""
+            print(f"{_show(candidate['cluster_floors'])}: threshold {candidate['chosen_threshold']} {merged}")
+        print(f"chosen: {_show(floors)} (the most merging within {args.max_cost} mIoU of merging off); its sweep:")
     print(f"{'threshold':>9} {'mIoU':>6} {'merged':>6} {'GFLOPs x':>8} {'latency x':>9}  per fold")
     for row in rows:
         folds = " ".join(f"{value:5.2f}" for value in row["miou_per_fold"])

@@ -39,3 +39,34 @@ def test_bad_sweep_file_is_named(tmp_path, capsys):
     no_off = _sweep(tmp_path, "no_off", [(0.3, 44.0, 0.6, 18.0, 1.6)])
     assert folds.main([str(no_off)]) == 2
     assert "threshold 1" in capsys.readouterr().err
+
+
+def test_floor_settings_compete_on_merging_within_the_cost(tmp_path, capsys):
+    """Sweeps with per-cluster floors: each setting picks its threshold, the one that merges most wins."""
+    def fold(name, points, floors=None):
+        path = _sweep(tmp_path, name, points)
+        result = json.loads(path.read_text())
+        if floors is not None:
+            result["cluster_floors"] = floors
+        path.write_text(json.dumps(result))
+        return path
+
+    off = (1.0, 50.0, 0.0, 31.0, 1.0)
+    plain = [fold("a", [(0.3, 48.0, 0.6, 18.0, 1.6), (0.5, 49.8, 0.4, 22.0, 1.3), off], []),
+             fold("b", [(0.3, 48.4, 0.7, 17.0, 1.7), (0.5, 49.6, 0.5, 20.0, 1.4), off])]
+    # A road floor gives up some merging at each threshold but costs less, so a lower threshold passes.
+    floored = [fold("fa", [(0.3, 49.7, 0.55, 19.0, 1.5), (0.5, 49.9, 0.38, 22.5, 1.3), off], [0.9, 0, 0]),
+               fold("fb", [(0.3, 49.6, 0.62, 18.0, 1.6), (0.5, 49.7, 0.45, 21.0, 1.4), off], [0.9, 0, 0])]
+    setting = folds.choose_setting([*plain, *floored], 0.5)
+    assert setting["cluster_floors"] == [0.9, 0.0, 0.0] and setting["chosen_threshold"] == 0.3
+    assert setting["merged_fraction"] == pytest.approx(0.585)
+    assert [(c["cluster_floors"], c["chosen_threshold"]) for c in setting["candidates"]] == [
+        ([], 0.5), ([0.9, 0.0, 0.0], 0.3)]
+    # With room for the plain setting's 0.3, it merges more and wins.
+    assert folds.choose_setting([*plain, *floored], 2.0)["cluster_floors"] == []
+    assert folds.main([*map(str, plain), *map(str, floored), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cluster_floors"] == [0.9, 0.0, 0.0] and report["chosen_threshold"] == 0.3
+    # A setting missing a fold is refused rather than compared on fewer drives.
+    assert folds.main([*map(str, plain), str(floored[0])]) == 2
+    assert "one sweep per fold" in capsys.readouterr().err
