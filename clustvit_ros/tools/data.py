@@ -387,17 +387,17 @@ def rare_class_probabilities(class_pixels: np.ndarray, temperature: float) -> np
 class TrainingSet(torch.utils.data.Dataset):
     """Decoded samples held in memory (CamVid train is ~190 MB), augmented per access.
 
-    Items are addressed by ``(position, index, focus_class)`` from ``epoch_plan``:
-    each (epoch, position) draws its augmentation from its own seeded generator,
-    so a resumed run, or one split over several processes, sees the same
-    augmentations as one uninterrupted process.
+    Items are addressed by ``(epoch, position, index, focus_class)`` from
+    ``epoch_plan``: each (epoch, position) draws its augmentation from its own
+    seeded generator, so a resumed run, or one split over several processes,
+    sees the same augmentations as one uninterrupted process. The item carries
+    everything a draw depends on, so loader workers can live across epochs.
     """
 
     def __init__(self, data: SegmentationData, augment: Augment, mean, std, seed: int = 0,
                  rare_class_temperature: float = 0.0, min_class_pixels: int = 64):
         self.samples = [(rgb, compact_mask(mask)) for rgb, mask in map(data.load, range(len(data)))]
         self.augment, self.mean, self.std, self.seed = augment, mean, std, seed
-        self.epoch = 0
         num_classes = len(data.class_names)
         self.class_pixels = np.stack([
             np.bincount(mask[mask < num_classes].ravel(), minlength=num_classes)[:num_classes]
@@ -411,27 +411,27 @@ class TrainingSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, int, int]]:
-        """The epoch's draws ``(position, image index, focus class or -1)``, seeded by epoch.
+    def epoch_plan(self, epoch: int) -> list[tuple[int, int, int, int]]:
+        """The epoch's draws ``(epoch, position, image index, focus class or -1)``, seeded by epoch.
 
         Without rare-class sampling: every image once, shuffled. With it: a class
         is drawn by ``class_probabilities``, then an image showing that class.
         """
         rng = np.random.default_rng([self.seed, epoch, 7])
         if self.class_probabilities is None:
-            return [(position, int(index), -1) for position, index in enumerate(rng.permutation(len(self)))]
+            return [(epoch, position, int(index), -1) for position, index in enumerate(rng.permutation(len(self)))]
         plan = []
         for position in range(len(self)):
             focus = int(rng.choice(len(self.class_probabilities), p=self.class_probabilities))
             candidates = self._images_with[focus]
             if candidates.size == 0:
-                plan.append((position, int(rng.integers(len(self))), -1))
+                plan.append((epoch, position, int(rng.integers(len(self))), -1))
             else:
-                plan.append((position, int(candidates[rng.integers(candidates.size)]), focus))
+                plan.append((epoch, position, int(candidates[rng.integers(candidates.size)]), focus))
         return plan
 
     def __getitem__(self, item) -> tuple[torch.Tensor, torch.Tensor]:
-        position, index, focus = item if isinstance(item, tuple) else (item, item, -1)
-        rng = np.random.default_rng([self.seed, self.epoch, position])
+        epoch, position, index, focus = item if isinstance(item, tuple) else (0, item, item, -1)
+        rng = np.random.default_rng([self.seed, epoch, position])
         rgb, mask = self.augment(*self.samples[index], rng, focus_class=None if focus < 0 else focus)
         return to_tensor(rgb, self.mean, self.std), torch.from_numpy(mask)

@@ -426,6 +426,19 @@ def _training_device(settings: TrainSettings, dist: Distributed) -> torch.device
     return device
 
 
+class _EpochItems(torch.utils.data.Sampler):
+    """The current epoch's items (set before each epoch), so one loader serves every epoch."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(list(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 def _rank_items(plan: list, batch_size: int, dist: Distributed) -> list:
     """This process's share of an epoch plan: its slice of every global batch."""
     per_rank = batch_size // dist.world
@@ -523,6 +536,8 @@ class _Run:
     autocast_dtype: Optional[torch.dtype]
     best: Optional[dict] = None
     history: list = dataclasses.field(default_factory=list)
+    sampler: "_EpochItems" = dataclasses.field(default_factory=lambda: _EpochItems())
+    loader: Optional[torch.utils.data.DataLoader] = None
 
     @classmethod
     def build(cls, settings: TrainSettings, dist: Distributed, device: torch.device, log) -> "_Run":
@@ -581,11 +596,20 @@ class _Run:
     def train_epoch(self, epoch: int) -> list[dict]:
         """One pass over this process's share of the epoch plan; the loss parts of every step."""
         settings, dist, device = self.settings, self.dist, self.device
-        self.dataset.epoch = epoch
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=settings.batch_size // dist.world, drop_last=True,
-            sampler=_rank_items(self.dataset.epoch_plan(epoch), settings.batch_size, dist),
-            num_workers=settings.workers, worker_init_fn=_single_thread_worker, pin_memory=device.type == "cuda")
+        self.sampler.items = _rank_items(self.dataset.epoch_plan(epoch), settings.batch_size, dist)
+        if self.loader is None:
+            # Built once, its workers kept for the whole run: a worker forked at every epoch would
+            # copy the trainer's heap as it then is (activations, allocator caches: several GB on
+            # the CPU) and keep that copy while the trainer rewrites its own, doubling its memory;
+            # two 1-thread CPU runs on 24 GB were killed for it.
+            self.loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=settings.batch_size // dist.world, drop_last=True, sampler=self.sampler,
+                num_workers=settings.workers, persistent_workers=settings.workers > 0,
+                worker_init_fn=_single_thread_worker, pin_memory=device.type == "cuda",
+                # Worker seeds from a generator of its own: the global one (drop path) then draws the
+                # same numbers whatever the number of workers (augmentations are seeded per item).
+                generator=torch.Generator().manual_seed(settings.seed))
+        loader = self.loader
         self.model.train()
         oracle_phase = epoch < settings.cluster_warmup_epochs
         total_steps = self.steps_per_epoch * settings.epochs

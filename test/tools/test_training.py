@@ -204,3 +204,16 @@ def test_matmul_attention_computes_what_the_fused_kernel_does(backbone_file, val
         unfused = model(image, ClusterMerging(0.3))
     assert unfused.stats.tokens_after == fused.stats.tokens_after
     torch.testing.assert_close(unfused.logits, fused.logits, atol=2e-4, rtol=1e-4)
+
+
+def test_loader_workers_live_across_epochs_and_draw_the_same_augmentations(tmp_path, tiny_dataset, backbone_file):
+    """One worker kept for the whole run sees each epoch's draws: the weights equal an in-process run's."""
+    weights = []
+    for workers in (0, 1):
+        settings = _settings(tiny_dataset, tmp_path / f"w{workers}.safetensors", backbone_file, epochs=3)
+        settings.workers, settings.scale_range, settings.augment = workers, (0.75, 1.5), "domain-shift"
+        train(settings, log=lambda _: None)
+        weights.append(load_file(str(settings.state_path())))
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0, msg=name)

@@ -95,12 +95,13 @@ def test_epoch_plan_draws_images_showing_the_drawn_class(camvid):
     dataset = TrainingSet(data, Augment(ignore_index=11), (0.5,) * 3, (0.5,) * 3, rare_class_temperature=0.1)
     plan = dataset.epoch_plan(0)
     assert len(plan) == len(data) and plan == dataset.epoch_plan(0) and plan != dataset.epoch_plan(1)
-    for _, index, focus in plan:
+    assert {epoch for epoch, *_ in plan} == {0} and [position for _, position, _, _ in plan] == list(range(len(plan)))
+    for _, _, index, focus in plan:
         assert focus >= 0 and dataset.class_pixels[index, focus] >= 64
     thin = {2, 6, 7, 9, 10}  # pole, sign, fence, pedestrian, bicyclist
-    assert sum(focus in thin for _, _, focus in plan) > 0.4 * len(plan)
+    assert sum(focus in thin for *_, focus in plan) > 0.4 * len(plan)
     plain = TrainingSet(data, Augment(ignore_index=11), (0.5,) * 3, (0.5,) * 3)
-    assert sorted(i for _, i, _ in plain.epoch_plan(0)) == list(range(len(data)))
+    assert sorted(i for _, _, i, _ in plain.epoch_plan(0)) == list(range(len(data)))
 
 
 @pytest.fixture(scope="module")
