@@ -37,7 +37,9 @@ for drive in "${folds[@]}"; do
       sweep="${fold}_sweep.json" floor_options=()
     else
       # shellcheck disable=SC2206  # the floors are words
-      sweep="${fold}_sweep_floors_${floors//,/-}.json" floor_options=(--cluster-floors ${floors//,/ })
+      # Thresholds above every floor give the plain sweep's figures: only FLOOR_POINTS are measured.
+      sweep="${fold}_sweep_floors_${floors//,/-}.json" floor_options=(--cluster-floors ${floors//,/ }
+        --sweep-points ${FLOOR_POINTS:-0.2 0.3 0.4 0.5 1})
     fi
     if [ ! -f "$sweep" ]; then
       "$clustvit" bench --model "$fold.safetensors" --data "$data" --split train,val --include "${drive}_*" \

@@ -58,6 +58,8 @@ class BenchSettings:
     knob: Optional[float] = None
     sweep: bool = False
     sweep_threshold: bool = False
+    # The knob values a sweep measures (None: the strategy's own sweep points).
+    sweep_points: Optional[tuple[float, ...]] = None
     eval_limit: Optional[int] = None
     plot: Optional[str] = None
     threads: Optional[int] = None
@@ -362,9 +364,11 @@ def knob_sweep(model: ClustViT, name: str, samples: list[Sample], settings: Benc
     spec = strategy_spec(name)
     if spec.knob is None:
         raise ValueError(f"strategy {name!r} has no knob to sweep")
+    points = spec.knob.sweep if settings.sweep_points is None else sorted(
+        {spec.knob.validate(value) for value in settings.sweep_points})
     accuracy_samples = _load_accuracy_samples(settings, model, device, samples[0].image.dtype)
     rows = []
-    for value in spec.knob.sweep:
+    for value in points:
         row = {"strategy": name, "knob": spec.knob.name, spec.knob.name: value, **measure_setting(
             model, lambda s, v=value: _strategy(model, name, v, s), samples, accuracy_samples,
             settings.repeats, timer, data_info.ignore_index)}

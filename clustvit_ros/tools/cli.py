@@ -156,6 +156,8 @@ def _add_bench(commands) -> None:
     bench.add_argument("--init-backbone", help="backbone of the untrained model (default ../shared/weights/...)")
     bench.add_argument("--sweep-threshold", action="store_true",
                        help="speed and accuracy against the threshold, printed and plotted (PNG)")
+    bench.add_argument("--sweep-points", type=float, nargs="+", metavar="V",
+                       help="the knob values a sweep measures (default: the strategy's own points)")
     bench.add_argument("--plot", help="PNG for sweeps and --strategy all (default <strategy>_sweep.png, "
                                       "strategies.png)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -70,8 +70,10 @@ def test_packaged_model_segments_street_scenes(default_model_file, val_samples):
     engine = SegmentationEngine.from_checkpoint(default_model_file, "cpu")
     # The default threshold is the one chosen on held-out drives, and the file says so.
     info = engine.model.checkpoint_info
-    assert engine.inference_size == 640 and engine.knob_value == pytest.approx(0.3)
-    assert info["chosen_threshold"] == pytest.approx(0.3) and info["held_out_drive_sweep"]
+    assert engine.inference_size == 640 and info["held_out_drive_sweep"]
+    assert engine.knob_value == pytest.approx(info["chosen_threshold"])
+    # Per-cluster floors, when the held-out choice picked some, are the model's from start-up.
+    assert engine.model.config.cluster_floors == pytest.approx(info.get("cluster_floors") or [])
     assert info["training"]["val_images"] == 0 and len(info["training"]["train_prefixes"]) == 3  # all drives
     confusion = ConfusionMatrix(11, ignore_index=11)
     merged = []

@@ -56,6 +56,15 @@ def test_bench_sweep_writes_plot(untrained_checkpoint, camvid, tmp_path):
     assert [r["merge_threshold"] for r in rows][0] == 0.0 and rows[-1]["merge_threshold"] == 1.0
     assert rows[0]["merged_fraction"] == 1.0 and rows[-1]["merged_fraction"] == 0.0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Chosen points (a floor sweep needs only those below its floors), each measured once, in order.
+    common = ("bench", "--model", untrained_checkpoint, "--data", camvid, "--limit", "1", "--eval-limit", "1",
+              "--repeats", "1", "--warmup", "0", "--sweep-threshold", "--plot", plot, "--device", "cpu", "--json")
+    result = clustvit(*common, "--sweep-points", "1", "0.3", "0", "0.3")
+    rows = json.loads(result.stdout)["sweep"]
+    assert [r["merge_threshold"] for r in rows] == [0.0, 0.3, 1.0]
+    assert rows[0]["merged_fraction"] == 1.0 and rows[-1]["merged_fraction"] == 0.0
+    result = clustvit(*common, "--sweep-points", "0.3", "1.5", check=False)
+    assert result.returncode == 2 and "threshold must be in [0, 1], got 1.5" in result.stderr
 
 
 def test_bad_model_file_is_a_clear_error(tmp_path, camvid):
