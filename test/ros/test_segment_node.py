@@ -240,8 +240,8 @@ def test_target_latency_moves_the_threshold_and_settles(ros, node, street_frames
     def run(frames: int, start_stamp: int) -> tuple[list, list]:
         latencies, thresholds = [], []
         for index in range(frames):
-            stats = _send_and_wait(ros, camera, image_message(street_frames[index % 6],
-                                                              stamp_ns=(start_stamp + index) * 10 ** 9),
+            stamp = start_stamp + index
+            stats = _send_and_wait(ros, camera, image_message(street_frames[stamp % 6], stamp_ns=stamp * 10 ** 9),
                                    f"{NODE}/frame_stats", resend_every=10.0)
             values = diagnostic_values(stats.status[0])
             latencies.append(float(values["latency_ms"]))
@@ -249,21 +249,36 @@ def test_target_latency_moves_the_threshold_and_settles(ros, node, street_frames
         return latencies, thresholds
 
     try:
-        ros.set_parameters(NODE, merge_threshold=1.0)
-        unmerged, _ = run(6, 700)
-        ros.set_parameters(NODE, merge_threshold=0.0)
-        merged, _ = run(6, 710)
+        # Both ends measured turn about, so that a burst of load on a shared machine lands on
+        # both: measured one after the other, a slow spell during the unmerged frames once put
+        # the target above what threshold 1 costs, and the controller rightly never moved.
+        unmerged, merged = [], []
+        for index in range(8):
+            for threshold, latencies, stamps in ((1.0, unmerged, 600), (0.0, merged, 648)):
+                ros.set_parameters(NODE, merge_threshold=threshold)
+                latencies += run(1, stamps + index)[0]  # 648 = 600 + 8 * 6: the same frame at both ends
         target = 0.5 * (np.median(unmerged) + np.median(merged))
         ros.set_parameters(NODE, merge_threshold=1.0, target_latency_ms=float(target))
-        # 60 frames: from threshold 1 the controller walks through 0.5-1, where latency barely
-        # responds (20-40 % merged), in small steps; with 40 it was once still descending at the end.
-        latencies, thresholds = run(60, 720)
-        assert thresholds[0] == 1.0 and thresholds[-1] < 1.0  # the controller moved it
-        assert np.std(thresholds[-10:]) < 0.08  # and settled instead of hunting
+        latencies, thresholds = run(40, 720)
+        assert thresholds[0] == 1.0 and min(thresholds) < 1.0  # over budget at threshold 1: it moved
+        assert max(np.abs(np.diff(thresholds))) <= 0.05 + 1e-4  # in bounded steps
+        # Held on average. Whether it also settles is the controller's unit test (test_runtime):
+        # here two CPU-bound neighbours on a 2-core machine swing latency by half, and the
+        # controller rightly follows them.
         assert np.mean(latencies[-10:]) < 1.3 * target
+        # Out of reach: the most merging, in steps of 0.05 whatever the noise; then generous: none.
+        ros.set_parameters(NODE, merge_threshold=1.0, target_latency_ms=1.0)
+        _, thresholds = run(22, 760)
+        assert thresholds[:21] == pytest.approx([1.0 - 0.05 * step for step in range(21)], abs=1e-3)
+        assert thresholds[-1] == 0.0
+        generous = ros.set_parameters(NODE, target_latency_ms=10000.0)  # the most the parameter allows
+        assert all(result.successful for result in generous)
+        _, thresholds = run(22, 782)
+        assert thresholds[0] == 0.0 and thresholds[-1] == 1.0
+        ros.set_parameters(NODE, merge_threshold=0.6, target_latency_ms=1.0)
         ros.set_parameters(NODE, target_latency_ms=0.0)
-        _, after = run(2, 790)
-        assert after[-1] == 1.0  # budget off: back to the operator's threshold
+        _, after = run(2, 804)
+        assert after == [0.6, 0.6]  # budget off: back to the operator's threshold
     finally:
         ros.set_parameters(NODE, merge_threshold=0.3, target_latency_ms=0.0)
 
