@@ -6,10 +6,11 @@
 # schedule (last epoch of EMA weights: nothing picked on frames the model trained on) and export.
 # Resumable: run it again after an interruption. On a GPU: DEVICE=cuda (torchrun for several).
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FINAL_EPOCHS=30 FOLDS="0006R0 0001TP 0016E5" scripts/train_by_drive.sh
-# PRECISION=bf16 autocasts (GPUs, and CPUs with bf16 matrix units); RUNS names the folder (runs/by_drive).
-# FLOOR_SETTINGS="0.9,0,0 0.8,0,0" also sweeps each held-out drive with those per-cluster floors
-# (bench --cluster-floors); tools/folds.py then picks the floors and threshold that merge the most
-# within MAX_COST, and the export carries them.
+# PRECISION=bf16 autocasts (GPUs, and CPUs with bf16 matrix units: the shipped file trained so);
+# RUNS names the folder (runs/by_drive). CLUSTER_CLASSES (default "Road Sky Building"; empty: the
+# paper's per-image ranks). FLOOR_SETTINGS (default "0.8,0,0 0.9,0,0") also sweeps each held-out
+# drive with those per-cluster floors (bench --cluster-floors; "" for none); tools/folds.py then
+# picks the floors and threshold that merge the most within MAX_COST, and the export carries them.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
@@ -20,7 +21,9 @@ folds=(${FOLDS:-0006R0 0001TP 0016E5})
 max_cost="${MAX_COST:-0.5}"
 runs="${RUNS:-runs/by_drive}"
 out="${OUT:-$runs/clustvit_tiny_camvid_all_drives.safetensors}"
-recipe=("${by_drive_recipe[@]}" --keep last --device "$device" --init-backbone "$backbone" --resume
+cluster_classes="${CLUSTER_CLASSES-$shipped_cluster_classes}"
+# shellcheck disable=SC2206  # class names are words
+recipe=("${by_drive_recipe[@]}" ${cluster_classes:+--cluster-classes $cluster_classes} --keep last --device "$device" --init-backbone "$backbone" --resume
         --precision "${PRECISION:-fp32}")
 mkdir -p "$runs"
 sweeps=()
@@ -32,7 +35,7 @@ for drive in "${folds[@]}"; do
     touch "$fold.done"
   fi
   # The plain threshold sweep ("none": the model's own floors, none in training), then one per floor setting.
-  for floors in none ${FLOOR_SETTINGS:-}; do
+  for floors in none ${FLOOR_SETTINGS-0.8,0,0 0.9,0,0}; do
     if [ "$floors" = none ]; then
       sweep="${fold}_sweep.json" floor_options=()
     else
