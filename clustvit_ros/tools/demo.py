@@ -64,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
         wait_for(lambda: all(probe.node.count_publishers(topic) > 0
                              for topic in ("/clustvit/frame_stats", "/clustvit/overlay")), 30)
         # Discovery runs each way on its own: the viewer seeing the node's publishers does not
-        # mean those publishers have matched the viewer yet (CI once lost the first frame's stats).
+        # mean those publishers have matched the viewer yet (CI once lost the first frame's stats,
+        # and a loaded machine lost one after a fixed wait). A /diagnostics report from the node
+        # (once a second) shows its writers reach the viewer; the settle covers the others.
+        wait_for(lambda: any(status.name.startswith("clustvit") for array in probe.received("/diagnostics")
+                             for status in array.status), 30)
         time.sleep(DISCOVERY_SETTLE_S)
         camera = NodeProcess("image_source", {"source": args.video, "rate": args.rate, "loop": True,
                                               "max_frames": args.frames, "wait_for_subscribers": True},
