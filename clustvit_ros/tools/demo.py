@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 
 from ..inference.packaged import demo_video_path, packaged_model_path
-from .ros_process import NodeProcess, Probe, diagnostic_values, require_local_ros_environment, wait_for
+from .ros_process import (NodeProcess, Probe, diagnostic_values, node_diagnostics, require_local_ros_environment,
+                          wait_for)
 
 DEMO_VIDEO = demo_video_path()
 
@@ -67,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         # mean those publishers have matched the viewer yet (CI once lost the first frame's stats,
         # and a loaded machine lost one after a fixed wait). A /diagnostics report from the node
         # (once a second) shows its writers reach the viewer; the settle covers the others.
-        wait_for(lambda: any(status.name.startswith("clustvit") for array in probe.received("/diagnostics")
-                             for status in array.status), 30)
+        wait_for(lambda: bool(node_diagnostics(probe)), 30)
         time.sleep(DISCOVERY_SETTLE_S)
         camera = NodeProcess("image_source", {"source": args.video, "rate": args.rate, "loop": True,
                                               "max_frames": args.frames, "wait_for_subscribers": True},
@@ -111,7 +111,7 @@ def _watch(probe: Probe, node: NodeProcess, camera: NodeProcess, args, out: Path
         print("demo: no frames were segmented", file=sys.stderr)
         print(node.log(), file=sys.stderr)
         return 1
-    diagnostics = [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")]
+    diagnostics = node_diagnostics(probe)
     tokens_in = diagnostic_values(probe.received("/clustvit/frame_stats")[-1].status[0])["tokens_in"]
     print(f"\ndemo: {len(latencies)} frames segmented; median latency {np.median(latencies):.1f} ms, "
           f"median tokens {np.median(tokens):.0f}/{tokens_in}")

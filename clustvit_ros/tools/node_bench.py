@@ -22,7 +22,8 @@ import numpy as np
 
 from ..inference.packaged import demo_video_path, packaged_model_path
 from .arguments import above_zero, at_least_one, at_least_zero
-from .ros_process import NodeProcess, Probe, diagnostic_values, image_message, require_local_ros_environment, wait_for
+from .ros_process import (NodeProcess, Probe, diagnostic_values, image_message, node_diagnostics,
+                          require_local_ros_environment, wait_for)
 
 INPUT = "/bench/image_raw"
 
@@ -81,11 +82,9 @@ def run(args: argparse.Namespace) -> dict:
 def _latest_status(probe: Probe, wait_s: float = 10.0):
     """The node's newest diagnostics status; waits for one (they come on a timer, so a run that labels its
     frames quickly can end before the first arrives), and says so if none comes."""
-    def statuses():
-        return [s for a in probe.received("/diagnostics") for s in a.status if s.name.startswith("clustvit")]
-    if not wait_for(lambda: bool(statuses()), wait_s):
+    if not wait_for(lambda: bool(node_diagnostics(probe)), wait_s):
         raise SystemExit(f"the node published no diagnostics on /diagnostics within {wait_s:.0f} s")
-    return statuses()[-1]
+    return node_diagnostics(probe)[-1]
 
 
 def _overhead(probe: Probe, camera, messages: list, args: argparse.Namespace) -> dict:

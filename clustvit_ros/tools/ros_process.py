@@ -171,3 +171,9 @@ def image_message(bgr: np.ndarray, encoding: str = "bgr8", stamp_ns: int = 0, fr
 
 def diagnostic_values(status) -> dict:
     return {kv.key: kv.value for kv in status.values}
+
+
+def node_diagnostics(probe: Probe) -> list:
+    """The segmentation node's statuses among what ``probe`` heard on /diagnostics, oldest first."""
+    return [status for array in probe.received("/diagnostics") for status in array.status
+            if status.name.startswith("clustvit")]
