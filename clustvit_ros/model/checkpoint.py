@@ -85,8 +85,19 @@ def save_checkpoint(model: ClustViT, path: PathLike, half: bool = False,
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    make_readable(tmp)
     os.replace(tmp, path)
     return path
+
+
+def make_readable(path: PathLike) -> None:
+    """Give a written file the permissions the umask allows (as open() would).
+
+    safetensors creates its files 0600: a model exported by one user could not be read by a
+    node running as another (a robot's service user, a container)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",

@@ -1,6 +1,9 @@
 """Checkpoints: round trip, no pickle, and clear errors that name the file."""
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,6 +22,17 @@ def test_round_trip_keeps_weights_config_and_outputs(tmp_path, untrained_model):
     image = torch.randn(1, 3, 64, 96)
     with torch.inference_mode():
         assert torch.equal(untrained_model(image).logits, loaded(image).logits)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_model_has_the_permissions_the_umask_allows(tmp_path, untrained_model, umask):
+    """safetensors writes 0600; a node running as another user must still read an exported model."""
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(untrained_model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_half_storage_loads_as_float32(tmp_path, untrained_model):
