@@ -11,6 +11,10 @@
 # paper's per-image ranks). FLOOR_SETTINGS (default "0.8,0,0 0.9,0,0") also sweeps each held-out
 # drive with those per-cluster floors (bench --cluster-floors; "" for none); tools/folds.py then
 # picks the floors and threshold that merge the most within MAX_COST, and the export carries them.
+# HEAD_ON_MERGED_EPOCHS (default 6; 0 skips it): each fold and the all-frames run are then fine-tuned
+# with the Segmenter decoder on the merged sequence (train --head-on-merged), and those fine-tuned
+# models are what is swept, chosen on and exported (models/README.md, "the decoder on the merged
+# sequence"): merging then also shrinks the decoder's work.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
@@ -27,6 +31,24 @@ cluster_classes="${CLUSTER_CLASSES-$shipped_cluster_classes}"
 recipe=("${by_drive_recipe[@]}" ${cluster_classes:+--cluster-classes $cluster_classes} --keep last --device "$device" --init-backbone "$backbone" --resume
         --precision "${PRECISION:-fp32}")
 mkdir -p "$runs"
+hom_epochs="${HEAD_ON_MERGED_EPOCHS:-6}"
+# Fine-tune from a finished run: its cluster module kept, a short low-LR schedule, a faster EMA.
+hom_options=(--keep-cluster-module --head-on-merged --epochs "$hom_epochs" --lr 1e-4 --warmup-steps 30
+             --cluster-warmup-epochs 0 --ema-decay 0.99)
+# finish RUN SELECTION...: RUN (no suffix) fine-tuned with the decoder on the merged sequence into
+# RUN_hom; prints the run whose weights go on (RUN itself when HEAD_ON_MERGED_EPOCHS=0).
+finish() {
+  local run="$1"; shift
+  if [ "$hom_epochs" -gt 0 ]; then
+    if [ ! -f "${run}_hom.done" ]; then
+      "$clustvit" train --data "$data" --out "${run}_hom.safetensors" "${recipe[@]}" --init-from "$run.safetensors" \
+        "${hom_options[@]}" "$@" >&2
+      touch "${run}_hom.done"
+    fi
+    run="${run}_hom"
+  fi
+  echo "$run"
+}
 sweeps=()
 for drive in "${folds[@]}"; do
   fold="$runs/fold_$drive"
@@ -35,18 +57,20 @@ for drive in "${folds[@]}"; do
       --train-split train,val --train-exclude "${drive}_*" --val-split train,val --val-include "${drive}_*" --val-every 10
     touch "$fold.done"
   fi
+  model=$(finish "$fold" --train-split train,val --train-exclude "${drive}_*" --val-split train,val \
+          --val-include "${drive}_*" --val-every "$hom_epochs")
   # The plain threshold sweep ("none": the model's own floors, none in training), then one per floor setting.
   for floors in none ${FLOOR_SETTINGS-0.8,0,0 0.9,0,0}; do
     if [ "$floors" = none ]; then
-      sweep="${fold}_sweep.json" floor_options=()
+      sweep="${model}_sweep.json" floor_options=()
     else
       # shellcheck disable=SC2206  # the floors are words
       # Thresholds above every floor give the plain sweep's figures: only FLOOR_POINTS are measured.
-      sweep="${fold}_sweep_floors_${floors//,/-}.json" floor_options=(--cluster-floors ${floors//,/ }
+      sweep="${model}_sweep_floors_${floors//,/-}.json" floor_options=(--cluster-floors ${floors//,/ }
         --sweep-points ${FLOOR_POINTS:-0.2 0.3 0.4 0.5 1})
     fi
     if [ ! -f "$sweep" ]; then
-      "$clustvit" bench --model "$fold.safetensors" --data "$data" --split train,val --include "${drive}_*" \
+      "$clustvit" bench --model "$model.safetensors" --data "$data" --split train,val --include "${drive}_*" \
         --sweep-threshold --eval-limit 1000 --limit 16 --repeats 2 --device "$device" "${floor_options[@]}" \
         --plot "${sweep%.json}.png" --json > "$sweep.part"
       mv "$sweep.part" "$sweep"
@@ -65,6 +89,7 @@ if [ ! -f "$all.done" ]; then
     --train-split train,val --val-split none
   touch "$all.done"
 fi
+all=$(finish "$all" --train-split train,val --val-split none)
 # shellcheck disable=SC2086  # the floors are words
 "$clustvit" export --model "$all.safetensors" --out "$out" --half --merge-threshold "$threshold" \
   --cluster-floors $floors --input-size 480 640 --info "$runs/folds.json"
