@@ -35,9 +35,9 @@ hom_epochs="${HEAD_ON_MERGED_EPOCHS:-6}"
 # Fine-tune from a finished run: its cluster module kept, a short low-LR schedule, a faster EMA.
 hom_options=(--keep-cluster-module --head-on-merged --epochs "$hom_epochs" --lr 1e-4 --warmup-steps 30
              --cluster-warmup-epochs 0 --ema-decay 0.99)
-# finish RUN SELECTION...: RUN (no suffix) fine-tuned with the decoder on the merged sequence into
+# fine_tune_on_merged RUN SELECTION...: RUN (no suffix) fine-tuned with the decoder on the merged sequence into
 # RUN_hom; prints the run whose weights go on (RUN itself when HEAD_ON_MERGED_EPOCHS=0).
-finish() {
+fine_tune_on_merged() {
   local run="$1"; shift
   if [ "$hom_epochs" -gt 0 ]; then
     if [ ! -f "${run}_hom.done" ]; then
@@ -57,7 +57,7 @@ for drive in "${folds[@]}"; do
       --train-split train,val --train-exclude "${drive}_*" --val-split train,val --val-include "${drive}_*" --val-every 10
     touch "$fold.done"
   fi
-  model=$(finish "$fold" --train-split train,val --train-exclude "${drive}_*" --val-split train,val \
+  model=$(fine_tune_on_merged "$fold" --train-split train,val --train-exclude "${drive}_*" --val-split train,val \
           --val-include "${drive}_*" --val-every "$hom_epochs")
   # The plain threshold sweep ("none": the model's own floors, none in training), then one per floor setting.
   for floors in none ${FLOOR_SETTINGS-0.8,0,0 0.9,0,0}; do
@@ -89,7 +89,7 @@ if [ ! -f "$all.done" ]; then
     --train-split train,val --val-split none
   touch "$all.done"
 fi
-all=$(finish "$all" --train-split train,val --val-split none)
+all=$(fine_tune_on_merged "$all" --train-split train,val --val-split none)
 # shellcheck disable=SC2086  # the floors are words
 "$clustvit" export --model "$all.safetensors" --out "$out" --half --merge-threshold "$threshold" \
   --cluster-floors $floors --input-size 480 640 --info "$runs/folds.json"
