@@ -56,7 +56,7 @@ class Regenerator(nn.Module):
         return self.fc2(self.act(own_part + rep_part))
 
 
-def _patch_classes(masks: torch.Tensor, patch_size: int, ignore_index: int) -> tuple[torch.Tensor, int]:
+def homogeneous_patch_classes(masks: torch.Tensor, patch_size: int, ignore_index: int) -> tuple[torch.Tensor, int]:
     """Each patch's class when all its pixels carry that one (non-void) class, else a
     sentinel; (B, h*w) and the sentinel. Masks are padded with void to a multiple of
     the patch size, like images."""
@@ -89,7 +89,7 @@ def pseudo_cluster_targets(masks: torch.Tensor, clusters: int, patch_size: int =
     "which of these classes, or none" rather than "how frequent is my class in this
     image", which is what it got wrong on an unseen drive (models/README.md).
     """
-    patch_class, sentinel = _patch_classes(masks, patch_size, ignore_index)
+    patch_class, sentinel = homogeneous_patch_classes(masks, patch_size, ignore_index)
     batch, num_values = patch_class.shape[0], sentinel
     rank = torch.zeros(batch, num_values + 1, dtype=torch.long, device=masks.device)
     if fixed_classes:
