@@ -8,7 +8,8 @@
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FINAL_EPOCHS=30 FOLDS="0006R0 0001TP 0016E5" scripts/train_by_drive.sh
 # PRECISION=bf16 autocasts (GPUs, and CPUs with bf16 matrix units: the shipped file trained so);
 # RUNS names the folder (runs/by_drive). CLUSTER_CLASSES (default "Road Sky Building"; empty: the
-# paper's per-image ranks). FLOOR_SETTINGS (default "0.8,0,0 0.9,0,0") also sweeps each held-out
+# paper's per-image ranks; each name is a cluster, so four names train k=4). FLOOR_SETTINGS (default
+# "0.8,0,0 0.9,0,0", a zero per further cluster) also sweeps each held-out
 # drive with those per-cluster floors (bench --cluster-floors; "" for none); tools/folds.py then
 # picks the floors and threshold that merge the most within MAX_COST, and the export carries them.
 # HEAD_ON_MERGED_EPOCHS (default 6; 0 skips it): each fold and the all-frames run are then fine-tuned
@@ -27,9 +28,16 @@ max_cost="${MAX_COST:-0.5}"
 runs="${RUNS:-runs/by_drive}"
 out="${OUT:-$runs/clustvit_tiny_camvid_all_drives.safetensors}"
 cluster_classes="${CLUSTER_CLASSES-$shipped_cluster_classes}"
+# k is the number of fixed cluster classes (3 with the paper's per-image ranks): a fourth name is a
+# fourth cluster, and the floor settings name one floor per cluster (the first, Road's, set).
 # shellcheck disable=SC2206  # class names are words
-recipe=("${by_drive_recipe[@]}" ${cluster_classes:+--cluster-classes $cluster_classes} --keep last --device "$device" --init-backbone "$backbone" --resume
-        --precision "${PRECISION:-fp32}")
+class_words=($cluster_classes)
+clusters="${#class_words[@]}"
+[ "$clusters" -gt 0 ] || clusters=3
+zeros=""; for _ in $(seq 2 "$clusters"); do zeros+=",0"; done
+# shellcheck disable=SC2206  # class names are words
+recipe=("${by_drive_recipe[@]}" --clusters "$clusters" ${cluster_classes:+--cluster-classes $cluster_classes} --keep last
+        --device "$device" --init-backbone "$backbone" --resume --precision "${PRECISION:-fp32}")
 mkdir -p "$runs"
 hom_epochs="${HEAD_ON_MERGED_EPOCHS:-6}"
 # Fine-tune from a finished run: its cluster module kept, a short low-LR schedule, a faster EMA.
@@ -60,7 +68,7 @@ for drive in "${folds[@]}"; do
   model=$(fine_tune_on_merged "$fold" --train-split train,val --train-exclude "${drive}_*" --val-split train,val \
           --val-include "${drive}_*" --val-every "$hom_epochs")
   # The plain threshold sweep ("none": the model's own floors, none in training), then one per floor setting.
-  for floors in none ${FLOOR_SETTINGS-0.8,0,0 0.9,0,0}; do
+  for floors in none ${FLOOR_SETTINGS-0.8$zeros 0.9$zeros}; do
     if [ "$floors" = none ]; then
       sweep="${model}_sweep.json" floor_options=()
     else
@@ -81,8 +89,8 @@ done
 .venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" | tee "$runs/folds.txt"
 .venv/bin/python -m clustvit_ros.tools.folds "${sweeps[@]}" --max-cost "$max_cost" --json > "$runs/folds.json"
 threshold=$(.venv/bin/python -c 'import json, sys; t = json.load(open(sys.argv[1]))["chosen_threshold"]; print(1.0 if t is None else t)' "$runs/folds.json")
-# The chosen floors, or all zeros (none) for the export; the recipe's k is 3.
-floors=$(.venv/bin/python -c 'import json, sys; f = json.load(open(sys.argv[1]))["cluster_floors"]; print(*(f or [0] * int(sys.argv[2])))' "$runs/folds.json" 3)
+# The chosen floors, or all zeros (none) for the export, one per cluster.
+floors=$(.venv/bin/python -c 'import json, sys; f = json.load(open(sys.argv[1]))["cluster_floors"]; print(*(f or [0] * int(sys.argv[2])))' "$runs/folds.json" "$clusters")
 all="$runs/all_drives"
 if [ ! -f "$all.done" ]; then
   "$clustvit" train --data "$data" --out "$all.safetensors" "${recipe[@]}" --epochs "$final_epochs" \
