@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from clustvit_ros.model.clustering import homogeneous_patch_classes
+from clustvit_ros.tools.arguments import at_least_one
 from clustvit_ros.tools.data import DatasetError, SegmentationData, compact_mask, frame_prefix, open_dataset
 
 
@@ -41,8 +42,8 @@ def pure_patch_shares(data: SegmentationData, input_size: tuple[int, int], patch
     for index in range(0, len(data), every):
         mask = compact_mask(data.load(index)[1])
         mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-        patch_class, sentinel = homogeneous_patch_classes(torch.from_numpy(mask.astype(np.int64))[None],
-                                                          patch_size, data.ignore_index)
+        patch_class, _ = homogeneous_patch_classes(torch.from_numpy(mask.astype(np.int64))[None],
+                                                   patch_size, data.ignore_index)
         # Values past the class ids (the sentinel: mixed or void patches) all count as "none".
         values = patch_class[0].clamp(max=len(names)).numpy()
         prefix = frame_prefix(data.images[index])
@@ -69,12 +70,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="dataset root (CamVid or images/ + masks/ + classes.txt)")
     parser.add_argument("--split", default="train", help="split(s), several joined by commas")
-    parser.add_argument("--include", nargs="*", default=(), help="file-name patterns to keep, e.g. '0006R0_*'")
-    parser.add_argument("--exclude", nargs="*", default=(), help="file-name patterns to drop")
+    parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                        help="only frames whose file stem matches (shell pattern, e.g. '0006R0_*'); repeatable")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave out frames whose file stem matches; repeatable")
     parser.add_argument("--input-size", nargs=2, type=int, default=(480, 640), metavar=("H", "W"),
                         help="the model's input size the masks are resized to (default 480 640)")
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--every", type=int, default=1, help="count every n-th frame only")
+    parser.add_argument("--patch-size", type=at_least_one, default=16)
+    parser.add_argument("--every", type=at_least_one, default=1, help="count every n-th frame only")
     parser.add_argument("--cluster-classes", nargs="*", default=(),
                         help="class names that may merge: adds their summed share (the merged-fraction ceiling)")
     parser.add_argument("--json", action="store_true")
