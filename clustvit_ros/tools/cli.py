@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from ..inference.devices import PRECISIONS
 from ..model.checkpoint import CheckpointError
-from .arguments import add_cluster_floors, at_least_one
+from .arguments import add_cluster_floors, add_frame_selection, at_least_one
 from .bench import BenchSettings as BENCH
 from .data import DatasetError
 from .train import TrainSettings as TRAIN
@@ -73,8 +73,8 @@ def _add_train(commands) -> None:
     train.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), default=TRAIN.crop_size)
     train.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), default=TRAIN.scale_range)
     train.add_argument("--void-label", type=int, help="ignored label (default: 11 for CamVid, else 255)")
-    _add_frame_args(train, "train", "train", "training frames")
-    _add_frame_args(train, "val", "val", "validation frames ('none': no validation, keep the last epoch)")
+    add_frame_selection(train, "train", "train", "training frames")
+    add_frame_selection(train, "val", "val", "validation frames ('none': no validation, keep the last epoch)")
     train.add_argument("--val-limit", type=int, help="validate on the first N images only")
     train.add_argument("--val-every", type=at_least_one, default=TRAIN.val_every,
                        help="validate every N epochs (and the last)")
@@ -109,12 +109,7 @@ def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="accuracy and token statistics on a split")
     _add_model_args(evaluate)
     evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--split", default="val", help="split(s), comma-separated (e.g. train,val)")
-    evaluate.add_argument("--include", action="append", default=[], metavar="PATTERN",
-                          help="only frames whose file stem matches (shell pattern, e.g. '0006R0_*'); repeatable")
-    evaluate.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                          help="leave out frames whose file stem matches; repeatable")
-    evaluate.add_argument("--list", dest="frame_list", help="text file naming the frames (one per line)")
+    add_frame_selection(evaluate, "val")
     evaluate.add_argument("--merge-threshold", type=float, help="ClustViT's knob (the same as --knob for clustvit)")
     add_cluster_floors(evaluate, "measure with these floors")
     evaluate.add_argument("--merge-rule", choices=("threshold", "argmax"), default="threshold",
@@ -135,7 +130,7 @@ def _add_bench(commands) -> None:
                                        "../shared/weights (use with --oracle-clusters)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--data", required=True)
-    bench.add_argument("--split", default="val")
+    add_frame_selection(bench, "val")
     bench.add_argument("--limit", type=at_least_one, default=BENCH.limit, help="images")
     bench.add_argument("--repeats", type=at_least_one, default=BENCH.repeats, help="timed runs per image and arm")
     bench.add_argument("--warmup", type=int, default=BENCH.warmup)
@@ -163,10 +158,6 @@ def _add_bench(commands) -> None:
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="dtype of the measured arms: fp32, bf16, fp16 (CUDA), or auto")
-    bench.add_argument("--include", action="append", default=[], metavar="PATTERN",
-                       help="only frames whose file stem matches (e.g. a drive the model did not train on)")
-    bench.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
-    bench.add_argument("--list", dest="frame_list", help="text file naming the frames (one per line)")
     bench.add_argument("--void-label", type=int)
     bench.add_argument("--unlabelled", action="store_true",
                        help="DATA is a folder of images or a video without labels (e.g. the robot's own "
@@ -185,19 +176,6 @@ def _add_export(commands) -> None:
     export.add_argument("--info", help="JSON file merged into the checkpoint's metadata")
     export.add_argument("--last-epoch", action="store_true",
                         help="the run's last epoch (from its .train-state file) instead of its best")
-
-def _add_frame_args(parser: argparse.ArgumentParser, prefix: str, split: str, what: str) -> None:
-    """--<prefix>-split / -include / -exclude / -list: which frames of the data folder to use."""
-    parser.add_argument(f"--{prefix}-split", default=split,
-                        help=f"split(s) for the {what}, comma-separated (e.g. train,val)")
-    parser.add_argument(f"--{prefix}-include", action="append", default=[], metavar="PATTERN",
-                        help="only frames whose file stem matches this shell pattern (e.g. '0001TP_*'); "
-                             "repeatable")
-    parser.add_argument(f"--{prefix}-exclude", action="append", default=[], metavar="PATTERN",
-                        help="leave out frames whose file stem matches; repeatable")
-    parser.add_argument(f"--{prefix}-list", help="text file naming the frames, one per line (a path, "
-                                                 "file name or stem; CamVid's train.txt works)")
-
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint (.safetensors)")

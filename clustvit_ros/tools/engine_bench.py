@@ -19,6 +19,7 @@ import torch
 
 from ..inference.engine import SegmentationEngine
 from ..inference.packaged import packaged_model_path
+from .arguments import add_frame_selection
 from .data import DatasetError, open_dataset
 
 
@@ -74,8 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: the packaged model)")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--include", action="append", default=[], metavar="PATTERN")
+    add_frame_selection(parser, "val")
     parser.add_argument("--knob", type=float, default=None, help="the strategy's knob (default: the model's)")
     parser.add_argument("--frames", type=int, default=20, help="frames, spread over the selection")
     parser.add_argument("--rounds", type=int, default=3)
@@ -87,7 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = args.model or str(packaged_model_path())
-        data = open_dataset(args.data, args.split, include=args.include)
+        data = open_dataset(args.data, args.split, include=args.include, exclude=args.exclude,
+                            frame_list=args.frame_list)
         if len(data) == 0:
             raise DatasetError(f"{args.data}: no frames match")
         step = max(1, len(data) // args.frames)

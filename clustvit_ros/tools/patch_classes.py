@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from clustvit_ros.model.clustering import homogeneous_patch_classes
-from clustvit_ros.tools.arguments import at_least_one
+from clustvit_ros.tools.arguments import add_frame_selection, at_least_one
 from clustvit_ros.tools.data import DatasetError, SegmentationData, compact_mask, frame_prefix, open_dataset
 
 
@@ -69,11 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clustvit_ros.tools.patch_classes",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="dataset root (CamVid or images/ + masks/ + classes.txt)")
-    parser.add_argument("--split", default="train", help="split(s), several joined by commas")
-    parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
-                        help="only frames whose file stem matches (shell pattern, e.g. '0006R0_*'); repeatable")
-    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                        help="leave out frames whose file stem matches; repeatable")
+    add_frame_selection(parser, "train")
     parser.add_argument("--input-size", nargs=2, type=int, default=(480, 640), metavar=("H", "W"),
                         help="the model's input size the masks are resized to (default 480 640)")
     parser.add_argument("--patch-size", type=at_least_one, default=16)
@@ -83,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        data = open_dataset(args.data, args.split, include=args.include, exclude=args.exclude)
+        data = open_dataset(args.data, args.split, include=args.include, exclude=args.exclude,
+                            frame_list=args.frame_list)
         per_prefix = pure_patch_shares(data, tuple(args.input_size), args.patch_size, args.every)
         for row in per_prefix.values():
             if args.cluster_classes:
