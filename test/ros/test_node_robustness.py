@@ -376,7 +376,8 @@ def _crafted(tmp_path, source, name: str, config_changes: dict = None, tensor_ch
         metadata = handle.metadata()
     tensors = load_file(str(source))
     config = json.loads(metadata["config"])
-    config.update(config_changes or {})
+    # A change may depend on the file (a list of floors one per cluster of the packaged model).
+    config.update((config_changes(config) if callable(config_changes) else config_changes) or {})
     if tensor_change is not None:
         tensors = {k: tensor_change(k, v) for k, v in tensors.items()}
     path = tmp_path / f"{name}.safetensors"
@@ -394,8 +395,10 @@ BAD_MODELS = [
     ("short_mean", {"mean": [0.5]}, None, None, "field 'mean'"),
     ("zero_std", {"std": [0, 0, 0]}, None, None, "field 'std'"),
     ("bright_palette", {"palette": [[300, 0, 0]] * 11}, None, None, "field 'palette'"),
-    ("floors_for_two_clusters", {"cluster_floors": [0.9, 0.0]}, None, None, "field 'cluster_floors'"),
-    ("floor_above_one", {"cluster_floors": [0.9, 0.0, 7]}, None, None, "field 'cluster_floors'"),
+    ("floors_for_one_cluster_too_many", lambda config: {"cluster_floors": [0.9] + [0.0] * config["clusters"]},
+     None, None, "field 'cluster_floors'"),
+    ("floor_above_one", lambda config: {"cluster_floors": [0.9] + [0.0] * (config["clusters"] - 2) + [7]},
+     None, None, "field 'cluster_floors'"),
     ("floor_as_text", {"cluster_floors": "0.9"}, None, None, "field 'cluster_floors'"),
     ("nested", None, None, "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ("nan_weights", None, lambda k, v: v * float("nan") if v.is_floating_point() else v, None, "non-finite"),
