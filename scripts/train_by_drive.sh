@@ -7,7 +7,7 @@
 # Resumable: run it again after an interruption. On a GPU: DEVICE=cuda (torchrun for several).
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FINAL_EPOCHS=30 FOLDS="0006R0 0001TP 0016E5" scripts/train_by_drive.sh
 # PRECISION=bf16 autocasts (GPUs, and CPUs with bf16 matrix units: the shipped file trained so);
-# RUNS names the folder (runs/by_drive). CLUSTER_CLASSES (default "Road Sky Building"; empty: the
+# RUNS names the folder (runs/by_drive). CLUSTER_CLASSES (default "Road Sky Building Tree"; empty: the
 # paper's per-image ranks; each name is a cluster, so four names train k=4). FLOOR_SETTINGS (default
 # "0.8,0,0 0.9,0,0", a zero per further cluster) also sweeps each held-out
 # drive with those per-cluster floors (bench --cluster-floors; "" for none); tools/folds.py then
