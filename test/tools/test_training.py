@@ -101,17 +101,18 @@ def test_fine_tune_from_trained_checkpoint_with_other_k_and_ip(tmp_path, tiny_da
     source = load_checkpoint(default_model_file)
     settings = _settings(tiny_dataset, tmp_path / "ft.safetensors", default_model_file, epochs=1)
     settings.init_backbone, settings.init_from = None, str(default_model_file)
-    settings.clusters, settings.injection_point, settings.lr = 4, 3, 1e-5
+    other_k = source.config.clusters + 1  # not the packaged model's k, whatever it is
+    settings.clusters, settings.injection_point, settings.lr = other_k, 3, 1e-5
     fine_tuned = train(settings, log=lambda _: None)
     model = load_checkpoint(settings.out)
-    assert (model.config.clusters, model.config.injection_point) == (4, 3)
+    assert (model.config.clusters, model.config.injection_point) == (other_k, 3)
     assert model.cluster_head.fc2.weight.shape[0] != source.cluster_head.fc2.weight.shape[0]
     # At this learning rate one epoch barely moves the loaded trunk ...
     drift = (model.backbone.blocks[6].mlp.fc1.weight - source.backbone.blocks[6].mlp.fc1.weight).abs().max()
     assert 0 < drift < 0.05
     # ... and a trained trunk segments these frames far better than one epoch from ImageNet does.
     scratch = _settings(tiny_dataset, tmp_path / "scratch.safetensors", backbone_file, 1)
-    scratch.clusters, scratch.injection_point = 4, 3
+    scratch.clusters, scratch.injection_point = other_k, 3
     scratch_best = train(scratch, log=lambda _: None)
     assert fine_tuned["miou"] > scratch_best["miou"] + 20
 
@@ -129,6 +130,7 @@ def test_continue_whole_model_with_distillation_and_a_merge_threshold(tmp_path, 
     source = load_checkpoint(default_model_file)
     settings = _settings(tiny_dataset, tmp_path / "stage2.safetensors", default_model_file, epochs=1)
     settings.init_backbone, settings.init_from, settings.keep_cluster_module = None, str(default_model_file), True
+    settings.clusters = source.config.clusters  # a kept module keeps its k
     settings.distill_from, settings.train_merge_threshold, settings.lr = str(default_model_file), 0.3, 1e-5
     train(settings, log=lambda _: None)
     model = load_checkpoint(settings.out)
@@ -142,8 +144,9 @@ def test_continue_whole_model_with_distillation_and_a_merge_threshold(tmp_path, 
 
     settings = _settings(tiny_dataset, tmp_path / "other.safetensors", default_model_file, epochs=1)
     settings.init_backbone, settings.init_from, settings.keep_cluster_module = None, str(default_model_file), True
-    settings.clusters = 5
-    with pytest.raises(CheckpointError, match="clustvit_tiny_camvid.safetensors.*cluster module.*k=5"):
+    settings.clusters = source.config.clusters + 1
+    with pytest.raises(CheckpointError,
+                       match=f"clustvit_tiny_camvid.safetensors.*cluster module.*k={settings.clusters}"):
         train(settings, log=lambda _: None)
 
 
