@@ -298,11 +298,20 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     knob = settings.knob if settings.knob is not None else settings.merge_threshold
     result = merged_vs_unmerged(model, name, knob, samples, settings, timer, device, log)
     result["precision"] = precision.name
+    result["frames"] = frame_selection(settings)
     if settings.sweep or settings.sweep_threshold:
         if settings.oracle_clusters:
             raise ValueError("a sweep measures the learned decisions; drop --oracle-clusters")
         result["sweep"] = knob_sweep(model, name, samples, settings, timer, data_info, device, log)
     return result
+
+
+def frame_selection(settings: BenchSettings) -> dict:
+    """Which frames were measured, as the command named them: a result file says what it is of
+    (a held-out drive's sweep names its drive; tools/folds.py reports them)."""
+    return {"data": str(settings.data), "split": None if settings.unlabelled else settings.split,
+            "include": list(settings.include), "exclude": list(settings.exclude),
+            "list": settings.frame_list, "limit": settings.limit, "eval_limit": settings.eval_limit}
 
 
 def merged_vs_unmerged(model: ClustViT, name: str, knob: Optional[float], samples: list[Sample],

@@ -39,6 +39,12 @@ def read_sweep_file(path: str | Path) -> tuple[dict[float, dict], tuple[float, .
         raise ValueError(f"{path}: not a `clustvit bench --sweep-threshold --json` result ({exc})") from None
 
 
+def held_out_frames(paths: Sequence[str | Path]) -> list[Optional[dict]]:
+    """Each sweep file's frame selection (bench's ``frames``: data, split, include ...); None for
+    files written before bench recorded it."""
+    return [json.loads(Path(path).read_text()).get("frames") for path in paths]
+
+
 def mean_over_folds(sweeps: Sequence[dict[float, dict]]) -> list[dict]:
     """Rows at the thresholds every fold measured: mean and per-fold mIoU, merged fraction, speed-ups."""
     thresholds = sorted(set.intersection(*(set(sweep) for sweep in sweeps)))
@@ -114,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps({"held_out_drive_sweep": rows, "chosen_threshold": chosen, "cluster_floors": floors,
                           "candidates": setting["candidates"], "max_cost_miou": args.max_cost,
-                          "held_out_sweep_files": list(args.sweeps)}, indent=1))
+                          "held_out_sweep_files": list(args.sweeps),
+                          "held_out_frames": held_out_frames(args.sweeps)}, indent=1))
         return 0
     if len(setting["candidates"]) > 1:
         for candidate in setting["candidates"]:

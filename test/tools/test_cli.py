@@ -45,6 +45,9 @@ def test_bench_oracle_json_contract(camvid, backbone_file):
     assert report["latency_ratio"] == pytest.approx(report["latency_ms_unmerged"] / report["latency_ms_merged"])
     assert 0.3 < report["merged_fraction"] < 0.9  # real street scenes: about half merge
     assert report["mean_tokens_after_merge"] < 690
+    # The result says which frames it measured, as the command named them.
+    assert report["frames"] == {"data": str(camvid), "split": "val", "include": [], "exclude": [], "list": None,
+                                "limit": 2, "eval_limit": None}
 
 
 def test_bench_sweep_writes_plot(untrained_checkpoint, camvid, tmp_path):
@@ -60,8 +63,11 @@ def test_bench_sweep_writes_plot(untrained_checkpoint, camvid, tmp_path):
     common = ("bench", "--model", untrained_checkpoint, "--data", camvid, "--limit", "1", "--eval-limit", "1",
               "--repeats", "1", "--warmup", "0", "--sweep-threshold", "--plot", plot, "--device", "cpu", "--json")
     result = clustvit(*common, "--sweep-points", "1", "0.3", "0", "0.3")
-    rows = json.loads(result.stdout)["sweep"]
+    report = json.loads(result.stdout)
+    rows = report["sweep"]
     assert [r["merge_threshold"] for r in rows] == [0.0, 0.3, 1.0]
+    # what folds.py reports as the held-out frames of a sweep
+    assert report["frames"]["split"] == "val" and report["frames"]["eval_limit"] == 1
     assert rows[0]["merged_fraction"] == 1.0 and rows[-1]["merged_fraction"] == 0.0
     result = clustvit(*common, "--sweep-points", "0.3", "1.5", check=False)
     assert result.returncode == 2 and "threshold must be in [0, 1], got 1.5" in result.stderr

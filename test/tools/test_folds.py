@@ -64,9 +64,13 @@ def test_floor_settings_compete_on_merging_within_the_cost(tmp_path, capsys):
         ([], 0.5), ([0.9, 0.0, 0.0], 0.3)]
     # With room for the plain setting's 0.3, it merges more and wins.
     assert folds.choose_setting([*plain, *floored], 2.0)["cluster_floors"] == []
+    selection = {"data": "camvid", "split": "train,val", "include": ["0006R0_*"], "exclude": [], "list": None}
+    plain[0].write_text(json.dumps({**json.loads(plain[0].read_text()), "frames": selection}))
     assert folds.main([*map(str, plain), *map(str, floored), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cluster_floors"] == [0.9, 0.0, 0.0] and report["chosen_threshold"] == 0.3
+    # Which frames each sweep measured; None for a file written before bench recorded it.
+    assert report["held_out_frames"] == [selection, None, None, None]
     # A setting missing a fold is refused rather than compared on fewer drives.
     assert folds.main([*map(str, plain), str(floored[0])]) == 2
     assert "one sweep per fold" in capsys.readouterr().err
