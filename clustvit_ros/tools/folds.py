@@ -30,19 +30,20 @@ def read_sweep(path: str | Path) -> dict[float, dict]:
 
 def read_sweep_file(path: str | Path) -> tuple[dict[float, dict], tuple[float, ...]]:
     """(threshold -> sweep row, the per-cluster floors it was measured with; () for none)."""
+    rows, floors, _ = read_sweep_record(path)
+    return rows, floors
+
+
+def read_sweep_record(path: str | Path) -> tuple[dict[float, dict], tuple[float, ...], Optional[dict]]:
+    """read_sweep_file and the frames the sweep measured (bench's ``frames``: data, split,
+    include ...; None for files written before bench recorded it)."""
     try:
         result = json.loads(Path(path).read_text())
         rows = {float(row["merge_threshold"]): row for row in result["sweep"]}
         floors = tuple(float(v) for v in result.get("cluster_floors") or ())
-        return rows, floors
+        return rows, floors, result.get("frames")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a `clustvit bench --sweep-threshold --json` result ({exc})") from None
-
-
-def held_out_frames(paths: Sequence[str | Path]) -> list[Optional[dict]]:
-    """Each sweep file's frame selection (bench's ``frames``: data, split, include ...); None for
-    files written before bench recorded it."""
-    return [json.loads(Path(path).read_text()).get("frames") for path in paths]
 
 
 def mean_over_folds(sweeps: Sequence[dict[float, dict]]) -> list[dict]:
@@ -78,12 +79,15 @@ def choose_setting(paths: Sequence[str | Path], max_cost: float = 0.5) -> dict:
     """Group the sweeps by floors, choose each group's threshold, keep the group that merges the most.
 
     Returns the winner's ``cluster_floors``, ``chosen_threshold`` (None: nothing within the cost)
-    and ``rows``, with every group's ``candidates`` (floors, threshold, merged fraction, mIoU).
+    and ``rows``, with every group's ``candidates`` (floors, threshold, merged fraction, mIoU) and
+    each file's ``held_out_frames`` (None where bench did not record them).
     """
     groups: dict[tuple[float, ...], list[dict[float, dict]]] = {}
+    frames = []
     for path in paths:
-        rows, floors = read_sweep_file(path)
+        rows, floors, selection = read_sweep_record(path)
         groups.setdefault(floors, []).append(rows)
+        frames.append(selection)
     counts = {floors: len(sweeps) for floors, sweeps in groups.items()}
     if len(set(counts.values())) > 1:
         raise ValueError("each floor setting needs one sweep per fold; got "
@@ -98,7 +102,8 @@ def choose_setting(paths: Sequence[str | Path], max_cost: float = 0.5) -> dict:
                            "miou": row["miou"] if row else None})
     # The most merging wins; on a tie, the setting listed first (no floors, when given first).
     best = max(candidates, key=lambda c: c["merged_fraction"])
-    return {**best, "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in candidates]}
+    return {**best, "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in candidates],
+            "held_out_frames": frames}
 
 
 def _show(floors: Sequence[float]) -> str:
@@ -121,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps({"held_out_drive_sweep": rows, "chosen_threshold": chosen, "cluster_floors": floors,
                           "candidates": setting["candidates"], "max_cost_miou": args.max_cost,
                           "held_out_sweep_files": list(args.sweeps),
-                          "held_out_frames": held_out_frames(args.sweeps)}, indent=1))
+                          "held_out_frames": setting["held_out_frames"]}, indent=1))
         return 0
     if len(setting["candidates"]) > 1:
         for candidate in setting["candidates"]:
