@@ -13,7 +13,7 @@ folds=(${FOLDS:-0006R0 0016E5})
 runs="runs/compare_recipes/${epochs}_epochs"  # schedules never share a checkpoint
 mkdir -p "$runs"
 declare -A recipe_options=([old_recipe]="" [new_recipe]="${by_drive_recipe[*]}"
-                          [fixed_clusters]="${by_drive_recipe[*]} --clusters $(wc -w <<< "$shipped_cluster_classes") --cluster-classes $shipped_cluster_classes")
+                          [fixed_clusters]="${by_drive_recipe[*]} --clusters $(cluster_count "$shipped_cluster_classes") --cluster-classes $shipped_cluster_classes")
 recipes=(${RECIPES:-old_recipe new_recipe})
 for drive in "${folds[@]}"; do
   for recipe in "${recipes[@]}"; do

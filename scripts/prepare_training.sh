@@ -18,3 +18,10 @@ by_drive_recipe=(--input-size 480 640 --crop-size 352 480 --scale-range 0.5 1.5 
 # train_by_drive.sh adds them; CLUSTER_CLASSES="" there trains the paper's per-image frequency
 # ranks instead); models/README.md has the folds.
 shipped_cluster_classes="Road Sky Building Tree"
+# cluster_count CLASSES: k for a list of fixed cluster classes, one cluster per name (3, the
+# paper's k, for none: per-image ranks).
+cluster_count() {
+  # shellcheck disable=SC2206  # class names are words
+  local words=($1)
+  echo "$(( ${#words[@]} > 0 ? ${#words[@]} : 3 ))"
+}

@@ -30,10 +30,7 @@ out="${OUT:-$runs/clustvit_tiny_camvid_all_drives.safetensors}"
 cluster_classes="${CLUSTER_CLASSES-$shipped_cluster_classes}"
 # k is the number of fixed cluster classes (3 with the paper's per-image ranks): a fourth name is a
 # fourth cluster, and the floor settings name one floor per cluster (the first, Road's, set).
-# shellcheck disable=SC2206  # class names are words
-class_words=($cluster_classes)
-clusters="${#class_words[@]}"
-[ "$clusters" -gt 0 ] || clusters=3
+clusters=$(cluster_count "$cluster_classes")
 zeros=""; for _ in $(seq 2 "$clusters"); do zeros+=",0"; done
 # shellcheck disable=SC2206  # class names are words
 recipe=("${by_drive_recipe[@]}" --clusters "$clusters" ${cluster_classes:+--cluster-classes $cluster_classes} --keep last
