@@ -83,7 +83,7 @@ def test_packaged_model_segments_street_scenes(default_model_file, val_samples):
         confusion.update(torch.from_numpy(result.labels.astype(np.int64)), torch.from_numpy(mask))
         merged.append(result.stats["merged_fraction"])
     assert confusion.pixel_accuracy() > 0.85  # val (a drive it trained on): 95 %
-    assert 0.4 < np.mean(merged) < 0.8  # all of val: 0.64
+    assert 0.4 < np.mean(merged) < 0.8  # all of val: 0.66
     # Merging off is the plain ViT on the same weights, and still a working model.
     engine.knob_value = 1.0
     assert engine.segment(val_samples[0][0]).stats["merged_fraction"] == 0.0
