@@ -77,6 +77,7 @@ class Sample:
     mask: torch.Tensor  # (h, w) int64 at the label's resolution, on the CPU
     oracle: Optional[torch.Tensor]  # (1, N) pseudo-cluster targets
     network_shape: tuple[int, int] = (0, 0)  # the image before padding
+    name: str = ""  # the image file (a video's frame: <video stem>_<frame index>.png), for the record
 
     def labels(self, logits: torch.Tensor) -> torch.Tensor:
         """Class indices at the label's resolution (as the engine returns them)."""
@@ -132,7 +133,7 @@ def _resize(rgb: np.ndarray, mask: np.ndarray, shape: tuple[int, int]) -> tuple[
 def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dtype,
              data=None) -> list[Sample]:
     """The frames as network inputs; ``data`` is the already opened selection (a video decodes once)."""
-    data = (data if data is not None else _frames(settings)).subset(settings.limit)
+    data = (data if data is not None else _frames(settings)).spread(settings.limit)
     samples = []
     for index in range(len(data)):
         rgb, mask = data.load(index)
@@ -157,7 +158,8 @@ def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dty
             oracle = pseudo_cluster_targets(torch.from_numpy(network_mask)[None], model.config.clusters,
                                             model.patch_size, data.ignore_index, _trained_cluster_classes(model)
                                             ).to(device)
-        samples.append(Sample(image.to(device, dtype), torch.from_numpy(mask), oracle, network_shape))
+        samples.append(Sample(image.to(device, dtype), torch.from_numpy(mask), oracle, network_shape,
+                              Path(data.images[index]).name))
     if not samples:
         raise ValueError(f"{settings.data}: no images in split {settings.split!r}")
     return samples
@@ -298,7 +300,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     knob = settings.knob if settings.knob is not None else settings.merge_threshold
     result = merged_vs_unmerged(model, name, knob, samples, settings, timer, device, log)
     result["precision"] = precision.name
-    result["frames"] = frame_selection(settings)
+    result["frames"] = {**frame_selection(settings), "timed": [sample.name for sample in samples]}
     if settings.sweep or settings.sweep_threshold:
         if settings.oracle_clusters:
             raise ValueError("a sweep measures the learned decisions; drop --oracle-clusters")

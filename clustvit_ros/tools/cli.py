@@ -131,7 +131,8 @@ def _add_bench(commands) -> None:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--data", required=True)
     add_frame_selection(bench, "val")
-    bench.add_argument("--limit", type=at_least_one, default=BENCH.limit, help="images")
+    bench.add_argument("--limit", type=at_least_one, default=BENCH.limit,
+                       help="images timed, spread evenly over the selection (a video: over its length)")
     bench.add_argument("--repeats", type=at_least_one, default=BENCH.repeats, help="timed runs per image and arm")
     bench.add_argument("--warmup", type=int, default=BENCH.warmup)
     bench.add_argument("--height", type=int)

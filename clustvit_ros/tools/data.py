@@ -63,10 +63,34 @@ class SegmentationData:
         return rgb, mask
 
     def subset(self, limit: Optional[int]) -> "SegmentationData":
+        """The first ``limit`` samples (all when None)."""
         if limit is None or limit >= len(self):
             return self
-        return SegmentationData(self.root, self.split, self.layout, self.images[:limit],
-                                self.masks[:limit], self.class_names, self.palette, self.ignore_index)
+        return self.select(range(limit))
+
+    def spread(self, limit: Optional[int]) -> "SegmentationData":
+        """``limit`` samples spread evenly over the selection, the first included (all when None).
+
+        A benchmark's few frames must stand for the whole drive: how much ClustViT merges, and so
+        how fast it runs, follows the scene, and a drive's opening seconds can differ from the rest
+        (CamVid 0001TP's first 16 frames merge less than its other 46).
+        """
+        if limit is None or limit >= len(self):
+            return self
+        return self.select(evenly_spaced(len(self), limit))
+
+    def select(self, indices) -> "SegmentationData":
+        indices = list(indices)
+        return SegmentationData(self.root, self.split, self.layout, [self.images[i] for i in indices],
+                                [self.masks[i] for i in indices], self.class_names, self.palette,
+                                self.ignore_index)
+
+
+def evenly_spaced(count: int, limit: int) -> list[int]:
+    """``limit`` indices of ``range(count)`` at an even stride from 0, in order, none repeated."""
+    if limit >= count:
+        return list(range(count))
+    return [index * count // limit for index in range(limit)]
 
 
 # Larger images are refused before decoding (an 8K x 8K frame is far above any dataset's).

@@ -19,7 +19,7 @@ import torch
 
 from ..inference.engine import SegmentationEngine
 from ..inference.packaged import packaged_model_path
-from .arguments import add_frame_selection
+from .arguments import add_frame_selection, at_least_one
 from .data import DatasetError, open_dataset
 
 
@@ -77,11 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data", required=True)
     add_frame_selection(parser, "val")
     parser.add_argument("--knob", type=float, default=None, help="the strategy's knob (default: the model's)")
-    parser.add_argument("--frames", type=int, default=20, help="frames, spread over the selection")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frames", type=at_least_one, default=20, help="frames, spread evenly over the selection")
+    parser.add_argument("--rounds", type=at_least_one, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's choice)")
     parser.add_argument("--compare-precision", default="bf16", help="precision checked against fp32 ('' = skip)")
-    parser.add_argument("--agreement-frames", type=int, default=6)
+    parser.add_argument("--agreement-frames", type=at_least_one, default=6)
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -91,8 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             frame_list=args.frame_list)
         if len(data) == 0:
             raise DatasetError(f"{args.data}: no frames match")
-        step = max(1, len(data) // args.frames)
-        images = [data.load(index)[0] for index in range(0, len(data), step)][:args.frames]
+        frames = data.spread(args.frames)
+        images = [frames.load(index)[0] for index in range(len(frames))]
         engine = SegmentationEngine.from_checkpoint(model, device="cpu", precision="fp32")
         knob = engine.knob_value if args.knob is None else args.knob
         report = {"model": model, "threads": torch.get_num_threads(), **end_to_end(engine, images, knob, args.rounds)}

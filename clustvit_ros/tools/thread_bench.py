@@ -22,6 +22,7 @@ import torch
 
 from ..inference.engine import SegmentationEngine
 from ..inference.packaged import packaged_model_path
+from .arguments import add_frame_selection, at_least_one
 from .data import open_dataset
 
 BUSY_LOOP = "while True: pass"
@@ -73,9 +74,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="thread_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="train,val")
-    parser.add_argument("--include", action="append", default=[])
-    parser.add_argument("--limit", type=int, default=15, help="frames per block")
+    add_frame_selection(parser, "train,val")
+    parser.add_argument("--limit", type=at_least_one, default=15,
+                        help="frames per block, spread evenly over the selection")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, _cores()])
     parser.add_argument("--busy", type=int, default=1, help="busy processes beside the engine")
     parser.add_argument("--rounds", type=int, default=3)
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     engine = SegmentationEngine.from_checkpoint(args.model or str(packaged_model_path()), "cpu",
                                                 precision=args.precision)
-    data = open_dataset(args.data, args.split, include=args.include).subset(args.limit)
+    data = open_dataset(args.data, args.split, include=args.include, exclude=args.exclude,
+                        frame_list=args.frame_list).spread(args.limit)
     frames = [data.load(i)[0] for i in range(len(data))]
     result = measure(engine, frames, sorted(set(args.threads)), args.busy, args.rounds)
     result.update({"model": engine.model_path, "precision": engine.precision.name, "frames_per_block": len(frames)})

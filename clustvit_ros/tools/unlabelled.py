@@ -35,11 +35,6 @@ class UnlabelledFrames(SegmentationData):
         rgb = self.decoded[index] if self.decoded is not None else read_rgb(self.images[index])
         return rgb, np.full(rgb.shape[:2], self.ignore_index, np.int64)
 
-    def subset(self, limit: Optional[int]) -> "UnlabelledFrames":
-        if limit is None or limit >= len(self):
-            return self
-        return self.select(range(limit))
-
     def select(self, indices) -> "UnlabelledFrames":
         indices = list(indices)
         return UnlabelledFrames(self.root, [self.images[i] for i in indices],

@@ -45,9 +45,11 @@ def test_bench_oracle_json_contract(camvid, backbone_file):
     assert report["latency_ratio"] == pytest.approx(report["latency_ms_unmerged"] / report["latency_ms_merged"])
     assert 0.3 < report["merged_fraction"] < 0.9  # real street scenes: about half merge
     assert report["mean_tokens_after_merge"] < 690
-    # The result says which frames it measured, as the command named them.
+    # The result says which frames it measured, as the command named them, and which it timed:
+    # --limit of them spread over the selection (val: 101 frames).
+    val = sorted(path.name for path in (camvid / "val").iterdir())
     assert report["frames"] == {"data": str(camvid), "split": "val", "include": [], "exclude": [], "list": None,
-                                "limit": 2, "eval_limit": None}
+                                "limit": 2, "eval_limit": None, "timed": [val[0], val[50]]}
 
 
 def test_bench_sweep_writes_plot(untrained_checkpoint, camvid, tmp_path):

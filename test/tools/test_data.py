@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from clustvit_ros.tools.data import Augment, DatasetError, open_dataset
+from clustvit_ros.tools.data import Augment, DatasetError, evenly_spaced, open_dataset
 
 
 def _write_pair(image_dir, mask_dir, stem, value):
@@ -22,6 +22,26 @@ def test_camvid_layout(camvid):
     rgb, mask = data.load(0)
     assert rgb.shape == (360, 480, 3) and rgb.dtype == np.uint8
     assert mask.shape == (360, 480) and mask.max() <= 11
+
+
+def test_a_sample_of_a_drive_spreads_over_the_drive(camvid):
+    """bench's --limit: 16 of drive 0001TP's 62 frames come from all of it, not its first seconds."""
+    drive = open_dataset(camvid, "train,val", include=["0001TP_*"])
+    assert len(drive) == 62
+    sample = drive.spread(16)
+    positions = [drive.images.index(image) for image in sample.images]
+    assert len(sample) == 16 and positions[0] == 0 and positions[-1] == 58  # 15 * 62 // 16
+    assert positions == sorted(set(positions))
+    assert all(drive.masks[i] == mask for i, mask in zip(positions, sample.masks))  # images keep their masks
+    rgb, mask = sample.load(15)
+    assert rgb.shape[:2] == mask.shape
+    assert drive.subset(16).images == drive.images[:16]  # subset is still the first N
+    assert drive.spread(None) is drive and drive.spread(62) is drive and drive.spread(1000) is drive
+    for count in range(1, 40):
+        for limit in range(1, count + 3):
+            picked = evenly_spaced(count, limit)
+            assert len(picked) == min(count, limit) and picked == sorted(set(picked))
+            assert picked[0] == 0 and count - picked[-1] <= -(-count // limit)  # the last stride reaches the end
 
 
 @pytest.mark.parametrize("layout", ["images/{split}", "{split}/images", "images"])

@@ -1,6 +1,8 @@
 """The end-to-end engine benchmark runs on real frames and reports both arms and the agreement."""
 import json
 
+import pytest
+
 from clustvit_ros.tools import engine_bench
 
 
@@ -19,3 +21,10 @@ def test_engine_bench_reports_both_arms_and_agreement(camvid, untrained_checkpoi
 def test_engine_bench_names_bad_data(tmp_path, capsys):
     assert engine_bench.main(["--data", str(tmp_path / "absent"), "--frames", "1"]) == 2
     assert "absent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--frames", "--rounds", "--agreement-frames"])
+def test_engine_bench_rejects_counts_below_one(option, capsys):
+    with pytest.raises(SystemExit) as stop:
+        engine_bench.main(["--data", "unused", option, "0"])
+    assert stop.value.code == 2 and option in capsys.readouterr().err
