@@ -23,7 +23,7 @@ import torch
 from ..inference.engine import SegmentationEngine
 from ..inference.packaged import packaged_model_path
 from .arguments import add_frame_selection, at_least_one
-from .data import open_dataset
+from .data import DatasetError, open_dataset
 
 BUSY_LOOP = "while True: pass"
 
@@ -82,11 +82,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args(argv)
-    engine = SegmentationEngine.from_checkpoint(args.model or str(packaged_model_path()), "cpu",
-                                                precision=args.precision)
-    data = open_dataset(args.data, args.split, include=args.include, exclude=args.exclude,
-                        frame_list=args.frame_list).spread(args.limit)
-    frames = [data.load(i)[0] for i in range(len(data))]
+    try:
+        engine = SegmentationEngine.from_checkpoint(args.model or str(packaged_model_path()), "cpu",
+                                                    precision=args.precision)
+        data = open_dataset(args.data, args.split, include=args.include, exclude=args.exclude,
+                            frame_list=args.frame_list).spread(args.limit)
+        if len(data) == 0:
+            raise DatasetError(f"{args.data}: no frames match")
+        frames = [data.load(i)[0] for i in range(len(data))]
+    except (ValueError, FileNotFoundError) as exc:  # a bad model file or dataset: one line, no traceback
+        print(f"thread_bench: error: {exc}", file=sys.stderr)
+        return 2
     result = measure(engine, frames, sorted(set(args.threads)), args.busy, args.rounds)
     result.update({"model": engine.model_path, "precision": engine.precision.name, "frames_per_block": len(frames)})
     print(json.dumps(result, indent=2))
