@@ -159,7 +159,7 @@ def _prepare(settings: BenchSettings, model: ClustViT, device: torch.device, dty
                                             model.patch_size, data.ignore_index, _trained_cluster_classes(model)
                                             ).to(device)
         samples.append(Sample(image.to(device, dtype), torch.from_numpy(mask), oracle, network_shape,
-                              Path(data.images[index]).name))
+                              data.images[index].name))
     if not samples:
         raise ValueError(f"{settings.data}: no images in split {settings.split!r}")
     return samples

@@ -20,7 +20,7 @@ import torch
 from ..inference.engine import SegmentationEngine
 from ..inference.packaged import packaged_model_path
 from .arguments import add_frame_selection, at_least_one
-from .data import DatasetError, open_dataset
+from .data import open_dataset
 
 
 def _timed(engine: SegmentationEngine, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -89,8 +89,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = args.model or str(packaged_model_path())
         data = open_dataset(args.data, args.split, include=args.include, exclude=args.exclude,
                             frame_list=args.frame_list)
-        if len(data) == 0:
-            raise DatasetError(f"{args.data}: no frames match")
         frames = data.spread(args.frames)
         images = [frames.load(index)[0] for index in range(len(frames))]
         engine = SegmentationEngine.from_checkpoint(model, device="cpu", precision="fp32")

@@ -25,18 +25,12 @@ import numpy as np
 
 def read_sweep(path: str | Path) -> dict[float, dict]:
     """Threshold -> sweep row of one bench JSON file (errors name the file)."""
-    return read_sweep_file(path)[0]
-
-
-def read_sweep_file(path: str | Path) -> tuple[dict[float, dict], tuple[float, ...]]:
-    """(threshold -> sweep row, the per-cluster floors it was measured with; () for none)."""
-    rows, floors, _ = read_sweep_record(path)
-    return rows, floors
+    return read_sweep_record(path)[0]
 
 
 def read_sweep_record(path: str | Path) -> tuple[dict[float, dict], tuple[float, ...], Optional[dict]]:
-    """read_sweep_file and the frames the sweep measured (bench's ``frames``: data, split,
-    include ...; None for files written before bench recorded it)."""
+    """(threshold -> sweep row, the per-cluster floors it was measured with (() for none), the
+    frames it measured: bench's ``frames``, None for files written before bench recorded it)."""
     try:
         result = json.loads(Path(path).read_text())
         rows = {float(row["merge_threshold"]): row for row in result["sweep"]}
