@@ -12,10 +12,11 @@
 # "0.8,0,0 0.9,0,0", a zero per further cluster) also sweeps each held-out
 # drive with those per-cluster floors (bench --cluster-floors; "" for none); tools/folds.py then
 # picks the floors and threshold that merge the most within MAX_COST, and the export carries them.
-# HEAD_ON_MERGED_EPOCHS (default 6; 0 skips it): each fold and the all-frames run are then fine-tuned
-# with the Segmenter decoder on the merged sequence (train --head-on-merged), and those fine-tuned
-# models are what is swept, chosen on and exported (models/README.md, "the decoder on the merged
-# sequence"): merging then also shrinks the decoder's work.
+# HEAD_ON_MERGED_EPOCHS (default 0: none; 6 for the file packaged 2026-12-06 to 2026-12-07): each fold
+# and the all-frames run are then fine-tuned with the Segmenter decoder on the merged sequence (train
+# --head-on-merged), and those fine-tuned models are what is swept, chosen on and exported: merging
+# then also shrinks the decoder's work. With the class-weighted loss the fine-tune no longer passes
+# the rule that shipped it (models/README.md, "Read this first"), so it is off by default.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
@@ -36,7 +37,7 @@ zeros=""; for _ in $(seq 2 "$clusters"); do zeros+=",0"; done
 recipe=("${by_drive_recipe[@]}" --clusters "$clusters" ${cluster_classes:+--cluster-classes $cluster_classes} --keep last
         --device "$device" --init-backbone "$backbone" --resume --precision "${PRECISION:-fp32}")
 mkdir -p "$runs"
-hom_epochs="${HEAD_ON_MERGED_EPOCHS:-6}"
+hom_epochs="${HEAD_ON_MERGED_EPOCHS:-0}"
 # Fine-tune from a finished run: its cluster module kept, a short low-LR schedule, a faster EMA.
 hom_options=(--keep-cluster-module --head-on-merged --epochs "$hom_epochs" --lr 1e-4 --warmup-steps 30
              --cluster-warmup-epochs 0 --ema-decay 0.99)
