@@ -25,10 +25,7 @@ declare -A arm_options=(
   [narrow_scales]="--scale-range 0.75 1.75"            # the previous recipe's scales
 )
 arms=(${ARMS:-shipped no_class_weighting no_rare_sampling no_domain_shift no_ema narrow_scales})
-clusters=$(cluster_count "$shipped_cluster_classes")
-# shellcheck disable=SC2206  # class names are words
-recipe=("${by_drive_recipe[@]}" --clusters "$clusters" --cluster-classes $shipped_cluster_classes --keep last
-        --device "$device" --init-backbone "$backbone" --resume --precision "${PRECISION:-bf16}")
+set_training_recipe "$shipped_cluster_classes" "${PRECISION:-bf16}"
 for drive in "${folds[@]}"; do
   for arm in "${arms[@]}"; do
     [ -n "${arm_options[$arm]+set}" ] || { echo "unknown arm $arm (known: ${!arm_options[*]})" >&2; exit 2; }

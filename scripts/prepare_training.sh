@@ -27,3 +27,12 @@ cluster_count() {
   local words=($1)
   echo "$(( ${#words[@]} > 0 ? ${#words[@]} : 3 ))"
 }
+# set_training_recipe CLASSES PRECISION: the array `recipe`, every option a by-drive training run
+# shares (the recipe, one cluster per fixed class, the last epoch kept, this machine's device, the
+# backbone, resuming), so that train_by_drive.sh and ablate_recipe.sh train the same thing.
+set_training_recipe() {
+  local classes="$1" precision="$2"
+  # shellcheck disable=SC2206  # class names are words
+  recipe=("${by_drive_recipe[@]}" --clusters "$(cluster_count "$classes")" ${classes:+--cluster-classes $classes}
+          --keep last --device "$device" --init-backbone "$backbone" --resume --precision "$precision")
+}

@@ -33,9 +33,7 @@ cluster_classes="${CLUSTER_CLASSES-$shipped_cluster_classes}"
 # fourth cluster, and the floor settings name one floor per cluster (the first, Road's, set).
 clusters=$(cluster_count "$cluster_classes")
 zeros=""; for _ in $(seq 2 "$clusters"); do zeros+=",0"; done
-# shellcheck disable=SC2206  # class names are words
-recipe=("${by_drive_recipe[@]}" --clusters "$clusters" ${cluster_classes:+--cluster-classes $cluster_classes} --keep last
-        --device "$device" --init-backbone "$backbone" --resume --precision "${PRECISION:-fp32}")
+set_training_recipe "$cluster_classes" "${PRECISION:-fp32}"
 mkdir -p "$runs"
 hom_epochs="${HEAD_ON_MERGED_EPOCHS:-0}"
 # Fine-tune from a finished run: its cluster module kept, a short low-LR schedule, a faster EMA.
