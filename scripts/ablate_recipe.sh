@@ -6,8 +6,9 @@
 # out loses mIoU on the held-out drive (issue 11). Resumable: run it again after an interruption.
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FOLDS=0016E5 scripts/ablate_recipe.sh
 # VAL_EVERY (default EPOCHS) also validates mid-run, to compare arms at the same epoch of one schedule.
-# ARMS picks arms by name (default: all below). An arm whose <drive>_<arm>.done exists in the runs
-# folder is not trained again (a checkpoint trained elsewhere with the same options may be put there).
+# ARMS picks arms by name (default: every arm below but head_on_merged). An arm whose
+# <drive>_<arm>.done exists in the runs folder is not trained again (a checkpoint trained elsewhere
+# with the same options may be put there).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"

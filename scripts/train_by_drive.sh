@@ -19,7 +19,8 @@
 # the rule that shipped it (models/README.md, "Read this first"), so it is off by default.
 # HEAD_ON_MERGED=1 instead trains every fold and the all-frames run with the decoder on the merged
 # sequence from the first epoch (train --head-on-merged): with the weighted loss that keeps the
-# accuracy the fine-tune loses (fold 0006R0 in models/README.md); give it its own RUNS folder.
+# accuracy the fine-tune loses (folds 0006R0 and 0001TP in models/README.md); give it its own
+# RUNS folder.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
