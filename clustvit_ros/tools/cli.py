@@ -54,7 +54,8 @@ def _add_train(commands) -> None:
     train.add_argument("--injection-point", type=int, default=TRAIN.injection_point,
                        help="block before which tokens merge")
     train.add_argument("--head", choices=("segmenter", "linear"), default=TRAIN.head)
-    train.add_argument("--head-on-merged", action="store_true",
+    # --no-head-on-merged exists so that a script's later option can undo a recipe's earlier one.
+    train.add_argument("--head-on-merged", action=argparse.BooleanOptionalAction, default=TRAIN.head_on_merged,
                        help="run the Segmenter decoder on the merged sequence and regenerate its output "
                             "(merging then saves in the head too)")
     train.add_argument("--epochs", type=at_least_one, default=TRAIN.epochs)

@@ -94,6 +94,18 @@ def test_bad_arguments_are_rejected(untrained_checkpoint, camvid):
     assert result.returncode == 2 and "expected auto, cpu, cuda" in result.stderr
 
 
+def test_a_later_train_option_undoes_an_earlier_one():
+    """The training scripts add options after the shared recipe's: HEAD_ON_MERGED=0 appends
+    --no-head-on-merged to a recipe that carries --head-on-merged, and the later one must win."""
+    from clustvit_ros.tools.cli import build_parser
+    parser = build_parser()
+    base = ["train", "--data", "d", "--out", "o.safetensors"]
+    assert parser.parse_args(base).head_on_merged is False
+    assert parser.parse_args(base + ["--head-on-merged"]).head_on_merged is True
+    assert parser.parse_args(base + ["--head-on-merged", "--no-head-on-merged"]).head_on_merged is False
+    assert parser.parse_args(base + ["--no-head-on-merged", "--head-on-merged"]).head_on_merged is True
+
+
 def test_export_half_with_new_defaults(untrained_checkpoint, camvid, tmp_path):
     out = tmp_path / "exported.safetensors"
     clustvit("export", "--model", untrained_checkpoint, "--out", out, "--half", "--merge-threshold", "0.7",
