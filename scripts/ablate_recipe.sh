@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# One ingredient at a time: the shipped by-drive recipe (fixed cluster classes, bf16, last epoch)
+# One ingredient at a time: the shipped by-drive recipe (fixed cluster classes, the decoder on the
+# merged sequence, bf16, last epoch)
 # against the same recipe with a single change, on the same leave-one-drive-out folds and schedule.
 # Each arm trains on two drives and is measured (clustvit eval, every frame) on the third, at the
 # packaged default threshold and with merging off. An ingredient earns its place only if taking it
 # out loses mIoU on the held-out drive (issue 11). Resumable: run it again after an interruption.
 #   SHARED=../shared DEVICE=cpu EPOCHS=40 FOLDS=0016E5 scripts/ablate_recipe.sh
 # VAL_EVERY (default EPOCHS) also validates mid-run, to compare arms at the same epoch of one schedule.
-# ARMS picks arms by name (default: every arm below but head_on_merged). An arm whose
+# ARMS picks arms by name (default: every arm below). An arm whose
 # <drive>_<arm>.done exists in the runs folder is not trained again (a checkpoint trained elsewhere
 # with the same options may be put there).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
 folds=(${FOLDS:-0016E5})
-threshold="${THRESHOLD:-0.5}"
+threshold="${THRESHOLD:-0.3}"  # the packaged default
 runs="runs/ablate_recipe/${epochs}_epochs"  # schedules never share a checkpoint
 mkdir -p "$runs"
 # Each arm is the shipped recipe plus these options; a later option replaces the recipe's own.
@@ -24,11 +25,11 @@ declare -A arm_options=(
   [no_domain_shift]="--augment basic"                  # colour jitter only
   [no_ema]="--ema-decay 0"
   [narrow_scales]="--scale-range 0.75 1.75"            # the previous recipe's scales
-  # Not an ingredient taken out but one tried: the Segmenter decoder on the merged sequence from
-  # the first epoch (a 6-epoch fine-tune to it loses 2.3 mIoU on 0016E5 with the weighted loss).
-  [head_on_merged]="--head-on-merged"
+  # The decoder on all tokens (shipped until the evening of 2026-12-07; the runs of that day named
+  # <drive>_head_on_merged are this script's shipped arm now, <drive>_shipped this arm).
+  [decoder_on_all_tokens]="--no-head-on-merged"
 )
-arms=(${ARMS:-shipped no_class_weighting no_rare_sampling no_domain_shift no_ema narrow_scales})
+arms=(${ARMS:-shipped no_class_weighting no_rare_sampling no_domain_shift no_ema narrow_scales decoder_on_all_tokens})
 set_training_recipe "$shipped_cluster_classes" "${PRECISION:-bf16}"
 for drive in "${folds[@]}"; do
   for arm in "${arms[@]}"; do

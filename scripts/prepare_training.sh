@@ -28,11 +28,21 @@ cluster_count() {
   echo "$(( ${#words[@]} > 0 ? ${#words[@]} : 3 ))"
 }
 # set_training_recipe CLASSES PRECISION: the array `recipe`, every option a by-drive training run
-# shares (the recipe, one cluster per fixed class, the last epoch kept, this machine's device, the
-# backbone, resuming), so that train_by_drive.sh and ablate_recipe.sh train the same thing.
+# shares (the recipe, one cluster per fixed class, the decoder on the merged sequence, the last
+# epoch kept, this machine's device, the backbone, resuming), so that train_by_drive.sh and
+# ablate_recipe.sh train the same thing.
+# The Segmenter decoder on the merged sequence from the first epoch (train --head-on-merged) is
+# part of the shipped recipe since the evening of 2026-12-07: on the three folds it scores what the
+# decoder on all tokens scores and runs faster (models/README.md). HEAD_ON_MERGED=0 trains the
+# decoder on all tokens instead (the file packaged earlier that day).
 set_training_recipe() {
   local classes="$1" precision="$2"
   # shellcheck disable=SC2206  # class names are words
   recipe=("${by_drive_recipe[@]}" --clusters "$(cluster_count "$classes")" ${classes:+--cluster-classes $classes}
           --keep last --device "$device" --init-backbone "$backbone" --resume --precision "$precision")
+  case "${HEAD_ON_MERGED:-1}" in
+    1) recipe+=(--head-on-merged) ;;
+    0) recipe+=(--no-head-on-merged) ;;
+    *) echo "HEAD_ON_MERGED must be 0 or 1, not '$HEAD_ON_MERGED'" >&2; exit 2 ;;
+  esac
 }

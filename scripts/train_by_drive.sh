@@ -12,15 +12,15 @@
 # "0.8,0,0 0.9,0,0", a zero per further cluster) also sweeps each held-out
 # drive with those per-cluster floors (bench --cluster-floors; "" for none); tools/folds.py then
 # picks the floors and threshold that merge the most within MAX_COST, and the export carries them.
-# HEAD_ON_MERGED_EPOCHS (default 0: none; 6 for the file packaged 2026-12-06 to 2026-12-07): each fold
-# and the all-frames run are then fine-tuned with the Segmenter decoder on the merged sequence (train
-# --head-on-merged), and those fine-tuned models are what is swept, chosen on and exported: merging
-# then also shrinks the decoder's work. With the class-weighted loss the fine-tune no longer passes
-# the rule that shipped it (models/README.md, "Read this first"), so it is off by default.
-# HEAD_ON_MERGED=1 instead trains every fold and the all-frames run with the decoder on the merged
-# sequence from the first epoch (train --head-on-merged): with the weighted loss that keeps the
-# accuracy the fine-tune loses (folds 0006R0 and 0001TP in models/README.md); give it its own
-# RUNS folder.
+# Every fold and the all-frames run train the Segmenter decoder on the merged sequence from the first
+# epoch (train --head-on-merged; prepare_training.sh): merging then also shrinks the decoder's work.
+# HEAD_ON_MERGED=0 trains the decoder on all tokens (the file packaged earlier on 2026-12-07); give
+# it its own RUNS folder.
+# HEAD_ON_MERGED_EPOCHS (default 0: none; 6 for the file packaged 2026-12-06 to 2026-12-07, trained
+# with HEAD_ON_MERGED=0): each fold and the all-frames run are then fine-tuned with the decoder on
+# the merged sequence, and those fine-tuned models are what is swept, chosen on and exported. With
+# the class-weighted loss that fine-tune loses accuracy that training so from the first epoch keeps
+# (models/README.md, "Read this first").
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
@@ -38,11 +38,6 @@ cluster_classes="${CLUSTER_CLASSES-$shipped_cluster_classes}"
 clusters=$(cluster_count "$cluster_classes")
 zeros=""; for _ in $(seq 2 "$clusters"); do zeros+=",0"; done
 set_training_recipe "$cluster_classes" "${PRECISION:-fp32}"
-case "${HEAD_ON_MERGED:-0}" in
-  0) ;;
-  1) recipe+=(--head-on-merged) ;;
-  *) echo "HEAD_ON_MERGED must be 0 or 1, not '$HEAD_ON_MERGED'" >&2; exit 2 ;;
-esac
 mkdir -p "$runs"
 hom_epochs="${HEAD_ON_MERGED_EPOCHS:-0}"
 # Fine-tune from a finished run: its cluster module kept, a short low-LR schedule, a faster EMA.

@@ -201,9 +201,9 @@ def test_uniform_image_merges_into_one_cluster(default_model_file):
     # one cluster, and the sequence shrinks by exactly that many tokens less the one representative.
     # How much merges is the model's business and is not asserted: with fixed cluster classes (Road,
     # Sky, Building, Tree) a flat frame merges only where it looks like one of them. The packaged
-    # model, at its default threshold (0.4): a bright overcast sky 0.88 at 360x480 and 0.21 at
-    # 480x640, white 0.80 and 0.21, a darker one 0.25 and 0.03 (all into the sky cluster), mid-grey
-    # and black a few tokens at 360x480 and none at 480x640 (they run at the unmerged cost).
+    # model, at its default threshold (0.3): a bright overcast sky 0.91 at 360x480 and 0.44 at
+    # 480x640, white 0.82 and 0.32, a darker one 0.51 and 0.20 (all into the sky cluster), mid-grey
+    # and black 2 % or less (they run at about the unmerged cost).
     colours = ((0.8, 0.82, 0.86), (0.45, 0.5, 0.55), (0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     merged_any = False
     with torch.inference_mode():
