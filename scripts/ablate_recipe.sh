@@ -15,8 +15,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/prepare_training.sh"
 epochs="${EPOCHS:-40}"
 folds=(${FOLDS:-0016E5})
 threshold="${THRESHOLD:-0.3}"  # the packaged default
-runs="runs/ablate_recipe/${epochs}_epochs"  # schedules never share a checkpoint
-mkdir -p "$runs"
 # Each arm is the shipped recipe plus these options; a later option replaces the recipe's own.
 declare -A arm_options=(
   [shipped]=""
@@ -25,12 +23,15 @@ declare -A arm_options=(
   [no_domain_shift]="--augment basic"                  # colour jitter only
   [no_ema]="--ema-decay 0"
   [narrow_scales]="--scale-range 0.75 1.75"            # the previous recipe's scales
-  # The decoder on all tokens (shipped until the evening of 2026-12-07; the runs of that day named
-  # <drive>_head_on_merged are this script's shipped arm now, <drive>_shipped this arm).
+  # The decoder on all tokens (shipped until the evening of 2026-12-07, when this script's runs
+  # named <drive>_head_on_merged were today's shipped arm and <drive>_shipped this arm).
   [decoder_on_all_tokens]="--no-head-on-merged"
 )
 arms=(${ARMS:-shipped no_class_weighting no_rare_sampling no_domain_shift no_ema narrow_scales decoder_on_all_tokens})
 set_training_recipe "$shipped_cluster_classes" "${PRECISION:-bf16}"
+# Schedules and decoders (HEAD_ON_MERGED) never share a checkpoint.
+runs="runs/ablate_recipe/${epochs}_epochs$run_suffix"
+mkdir -p "$runs"
 for drive in "${folds[@]}"; do
   for arm in "${arms[@]}"; do
     [ -n "${arm_options[$arm]+set}" ] || { echo "unknown arm $arm (known: ${!arm_options[*]})" >&2; exit 2; }

@@ -34,15 +34,16 @@ cluster_count() {
 # The Segmenter decoder on the merged sequence from the first epoch (train --head-on-merged) is
 # part of the shipped recipe since the evening of 2026-12-07: on the three folds it scores what the
 # decoder on all tokens scores and runs faster (models/README.md). HEAD_ON_MERGED=0 trains the
-# decoder on all tokens instead (the file packaged earlier that day).
+# decoder on all tokens instead (the file packaged earlier that day); the scripts' default runs
+# folders then end in $run_suffix, so that the two decoders never share a checkpoint.
 set_training_recipe() {
   local classes="$1" precision="$2"
   # shellcheck disable=SC2206  # class names are words
   recipe=("${by_drive_recipe[@]}" --clusters "$(cluster_count "$classes")" ${classes:+--cluster-classes $classes}
           --keep last --device "$device" --init-backbone "$backbone" --resume --precision "$precision")
   case "${HEAD_ON_MERGED:-1}" in
-    1) recipe+=(--head-on-merged) ;;
-    0) recipe+=(--no-head-on-merged) ;;
+    1) recipe+=(--head-on-merged) run_suffix="" ;;
+    0) run_suffix="_decoder_on_all_tokens" ;;
     *) echo "HEAD_ON_MERGED must be 0 or 1, not '$HEAD_ON_MERGED'" >&2; exit 2 ;;
   esac
 }

@@ -14,8 +14,8 @@
 # picks the floors and threshold that merge the most within MAX_COST, and the export carries them.
 # Every fold and the all-frames run train the Segmenter decoder on the merged sequence from the first
 # epoch (train --head-on-merged; prepare_training.sh): merging then also shrinks the decoder's work.
-# HEAD_ON_MERGED=0 trains the decoder on all tokens (the file packaged earlier on 2026-12-07); give
-# it its own RUNS folder.
+# HEAD_ON_MERGED=0 trains the decoder on all tokens (the file packaged earlier on 2026-12-07; default
+# RUNS runs/by_drive_decoder_on_all_tokens).
 # HEAD_ON_MERGED_EPOCHS (default 0: none; 6 for the file packaged 2026-12-06 to 2026-12-07, trained
 # with HEAD_ON_MERGED=0): each fold and the all-frames run are then fine-tuned with the decoder on
 # the merged sequence, and those fine-tuned models are what is swept, chosen on and exported. With
@@ -30,14 +30,14 @@ epochs="${EPOCHS:-40}"
 final_epochs="${FINAL_EPOCHS:-30}"
 folds=(${FOLDS:-0006R0 0001TP 0016E5})
 max_cost="${MAX_COST:-0.5}"
-runs="${RUNS:-runs/by_drive}"
-out="${OUT:-$runs/clustvit_tiny_camvid_all_drives.safetensors}"
 cluster_classes="${CLUSTER_CLASSES-$shipped_cluster_classes}"
 # k is the number of fixed cluster classes (3 with the paper's per-image ranks): a fourth name is a
 # fourth cluster, and the floor settings name one floor per cluster (the first, Road's, set).
 clusters=$(cluster_count "$cluster_classes")
 zeros=""; for _ in $(seq 2 "$clusters"); do zeros+=",0"; done
 set_training_recipe "$cluster_classes" "${PRECISION:-fp32}"
+runs="${RUNS:-runs/by_drive$run_suffix}"
+out="${OUT:-$runs/clustvit_tiny_camvid_all_drives.safetensors}"
 mkdir -p "$runs"
 hom_epochs="${HEAD_ON_MERGED_EPOCHS:-0}"
 # Fine-tune from a finished run: its cluster module kept, a short low-LR schedule, a faster EMA.

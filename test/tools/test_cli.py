@@ -95,8 +95,9 @@ def test_bad_arguments_are_rejected(untrained_checkpoint, camvid):
 
 
 def test_a_later_train_option_undoes_an_earlier_one():
-    """The training scripts add options after the shared recipe's: HEAD_ON_MERGED=0 appends
-    --no-head-on-merged to a recipe that carries --head-on-merged, and the later one must win."""
+    """The training scripts add options after the shared recipe's: ablate_recipe.sh's arm
+    decoder_on_all_tokens appends --no-head-on-merged to a recipe that carries --head-on-merged,
+    and the later one must win."""
     from clustvit_ros.tools.cli import build_parser
     parser = build_parser()
     base = ["train", "--data", "d", "--out", "o.safetensors"]
