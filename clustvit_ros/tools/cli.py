@@ -76,7 +76,8 @@ def _add_train(commands) -> None:
     train.add_argument("--void-label", type=int, help="ignored label (default: 11 for CamVid, else 255)")
     add_frame_selection(train, "train", "train", "training frames")
     add_frame_selection(train, "val", "val", "validation frames ('none': no validation, keep the last epoch)")
-    train.add_argument("--val-limit", type=int, help="validate on the first N images only")
+    train.add_argument("--val-limit", type=at_least_one,
+                       help="validate on N images spread evenly over the validation frames")
     train.add_argument("--val-every", type=at_least_one, default=TRAIN.val_every,
                        help="validate every N epochs (and the last)")
     _add_train_recipe(train)
@@ -120,7 +121,8 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--inference-size", type=int, help="long side the image is scaled to")
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="fp32, bf16, fp16 (CUDA), or auto (the node's choice for this device)")
-    evaluate.add_argument("--limit", type=at_least_one)
+    evaluate.add_argument("--limit", type=at_least_one,
+                          help="N images spread evenly over the selection, the first included (default: all)")
     evaluate.add_argument("--void-label", type=int)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -259,7 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--merge-rule argmax is ClustViT's rule; the strategy is " + engine.strategy.name)
         engine.reduction = ClusterMerging(None)
     data = open_dataset(args.data, args.split, args.void_label, args.include, args.exclude,
-                        args.frame_list).subset(args.limit)
+                        args.frame_list).spread(args.limit)
     result = evaluate(engine, data, progress=not args.json)
     result["precision"] = engine.precision.name
     _print(result, args.json)

@@ -334,7 +334,7 @@ def open_training_frames(settings: TrainSettings) -> tuple[SegmentationData, Opt
     if settings.val_split:
         val_data = open_dataset(settings.data, settings.val_split, train_data.ignore_index,
                                 settings.val_include, settings.val_exclude,
-                                settings.val_list).subset(settings.val_limit)
+                                settings.val_list).spread(settings.val_limit)
     return train_data, val_data
 
 
@@ -376,6 +376,8 @@ def _validate_settings(settings: TrainSettings, device: torch.device) -> None:
                          "or keep the last epoch")
     if settings.val_every < 1:
         raise ValueError("val_every must be >= 1")
+    if settings.val_limit is not None and settings.val_limit < 1:
+        raise ValueError(f"val_limit {settings.val_limit}: expected at least 1 image (None: all)")
     if not 0.0 <= settings.ema_decay < 1.0:
         raise ValueError(f"ema_decay {settings.ema_decay}: expected 0 (off) or a decay in (0, 1)")
     if settings.rare_class_temperature < 0:

@@ -46,6 +46,27 @@ def test_frame_description_warns_about_a_shared_drive(camvid):
     assert len(lines) == 2 and "0006R0 101" in lines[1]
 
 
+def test_a_limited_validation_or_eval_spreads_over_every_drive(camvid, untrained_checkpoint):
+    """--val-limit and eval --limit take frames from the whole selection, not its first seconds."""
+    settings = TrainSettings(data=str(camvid), out="unused", train_split="train,val", val_split="train,val",
+                             val_limit=3)
+    _, val = open_training_frames(settings)
+    assert sorted(frame_prefix(p) for p in val.images) == sorted(DRIVES)  # the first 3 are all 0001TP
+    command = [sys.executable, "-m", "clustvit_ros.tools.cli", "eval", "--model", str(untrained_checkpoint),
+               "--data", str(camvid), "--split", "train,val", "--inference-size", "160", "--device", "cpu"]
+    result = subprocess.run([*command, "--limit", "3", "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 3 and set(report["per_prefix"]) == set(DRIVES)
+    for bad in ("0", "-2"):
+        refused = subprocess.run([*command, "--limit", bad], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and "--limit" in refused.stderr
+    refused = subprocess.run([sys.executable, "-m", "clustvit_ros.tools.cli", "train", "--data", str(camvid),
+                              "--out", "unused.safetensors", "--val-limit", "0"],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--val-limit" in refused.stderr
+
+
 def test_eval_reports_each_drive(camvid, untrained_checkpoint):
     from clustvit_ros.inference.engine import SegmentationEngine
     from clustvit_ros.tools.evaluate import evaluate
