@@ -48,7 +48,7 @@ from .data import AUGMENT_PRESETS, Augment, SegmentationData, TrainingSet, frame
 from .evaluate import evaluate_model
 from ..model import (ClusterMerging, ClustViT, ModelConfig, NoReduction, build_model, load_checkpoint,
                     pseudo_cluster_targets, save_checkpoint)
-from ..model.checkpoint import CheckpointError, PathLike, read_metadata
+from ..model.checkpoint import CheckpointError, PathLike, make_readable, read_metadata
 from ..model.vit import state_dict_mismatch
 from ..inference.devices import cpu_bf16_speedup, resolve_device
 
@@ -273,6 +273,7 @@ def _save_state(path: Path, model: ClustViT, optimizer: torch.optim.Optimizer, m
     metadata = {"meta": json.dumps(meta), "param_groups": json.dumps(groups)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    make_readable(tmp)  # as the checkpoint beside it: a run resumed by another user (a cluster's job) reads it
     os.replace(tmp, path)
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -59,6 +61,10 @@ def test_overfit_loss_falls_and_resume_continues(tmp_path, tiny_dataset, backbon
     history = read_training_state(settings.state_path())["history"]
     losses = [r["loss"] for r in history]
     assert len(losses) == 8
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (out, settings.state_path()):  # safetensors writes 0600; the run's files follow the umask
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
     assert losses[-1] < 0.6 * losses[0], losses
     assert best["miou"] > history[0]["val_miou"]
     model = load_checkpoint(out)  # the best checkpoint is a complete, loadable model
