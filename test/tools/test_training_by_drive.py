@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_cli import clustvit
 
 from clustvit_ros.tools.data import (AUGMENT_PRESETS, Augment, DatasetError, TrainingSet, frame_prefix, open_dataset,
                                rare_class_probabilities)
@@ -52,18 +53,14 @@ def test_a_limited_validation_or_eval_spreads_over_every_drive(camvid, untrained
                              val_limit=3)
     _, val = open_training_frames(settings)
     assert sorted(frame_prefix(p) for p in val.images) == sorted(DRIVES)  # the first 3 are all 0001TP
-    command = [sys.executable, "-m", "clustvit_ros.tools.cli", "eval", "--model", str(untrained_checkpoint),
-               "--data", str(camvid), "--split", "train,val", "--inference-size", "160", "--device", "cpu"]
-    result = subprocess.run([*command, "--limit", "3", "--json"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    command = ("eval", "--model", untrained_checkpoint, "--data", camvid, "--split", "train,val",
+               "--inference-size", "160", "--device", "cpu")
+    report = json.loads(clustvit(*command, "--limit", "3", "--json").stdout)
     assert report["images"] == 3 and set(report["per_prefix"]) == set(DRIVES)
     for bad in ("0", "-2"):
-        refused = subprocess.run([*command, "--limit", bad], capture_output=True, text=True, timeout=600)
+        refused = clustvit(*command, "--limit", bad, check=False)
         assert refused.returncode == 2 and "--limit" in refused.stderr
-    refused = subprocess.run([sys.executable, "-m", "clustvit_ros.tools.cli", "train", "--data", str(camvid),
-                              "--out", "unused.safetensors", "--val-limit", "0"],
-                             capture_output=True, text=True, timeout=600)
+    refused = clustvit("train", "--data", camvid, "--out", "unused.safetensors", "--val-limit", "0", check=False)
     assert refused.returncode == 2 and "--val-limit" in refused.stderr
 
 
